@@ -1,0 +1,26 @@
+"""Install the `doge` package: `pip install -e .[dev]` (install torch first on CPU-only machines)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="doge",
+    version="0.1.0",
+    description="DeepSpeed pre-training pipeline for Doge small language models (DMA + CDMoE)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["doge", "doge.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=5.0,<6",
+        "datasets>=3.0",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "wandb>=0.18",
+        "pyarrow>=15",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
+)
