@@ -1,0 +1,66 @@
+"""Export a training checkpoint to a Hugging Face folder: `python -m doge.export CKPT OUTDIR`.
+
+CKPT is a `RUNDIR/checkpoints/step-XXXXXXXX` folder (any ZeRO stage, any world size). OUTDIR gets
+fp32 safetensors, config.json and the tokenizer, loadable by stock
+`transformers.AutoModelForCausalLM`. The export is written beside OUTDIR and renamed into place,
+so an interrupted export never leaves a half-written OUTDIR.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from doge import DogeConfig, DogeForCausalLM
+from doge.checkpoint import STATE_FILE, TMP_PREFIX, TrainerState
+
+
+def export(ckpt: Path, outdir: Path, replace: bool = False) -> Path:
+    ckpt, outdir = Path(ckpt), Path(outdir)
+    if not (ckpt / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {STATE_FILE}); "
+                                "pass a RUNDIR/checkpoints/step-XXXXXXXX folder")
+    if outdir.exists() and any(outdir.iterdir()) and not replace:
+        raise FileExistsError(f"{outdir} exists and is not empty; choose another OUTDIR")
+    state = TrainerState.read(ckpt)
+    logging.getLogger("deepspeed").setLevel(logging.WARNING)
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    model = DogeForCausalLM(DogeConfig(**state.model_config))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"{ckpt}: weights do not match the model config: missing {missing}, unexpected {unexpected}")
+    tmp = outdir.with_name(TMP_PREFIX + outdir.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if (ckpt / "tokenizer").is_dir():
+        shutil.copytree(ckpt / "tokenizer", tmp, dirs_exist_ok=True)
+    if outdir.exists():
+        old = outdir.with_name(TMP_PREFIX + "old-" + outdir.name)
+        outdir.rename(old)
+        tmp.rename(outdir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(outdir)
+    return outdir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt", help="checkpoint folder RUNDIR/checkpoints/step-XXXXXXXX (or RUNDIR/checkpoints/latest's target)")
+    parser.add_argument("outdir", help="new folder for the Hugging Face export")
+    args = parser.parse_args(argv)
+    try:
+        print(export(Path(args.ckpt), Path(args.outdir)))
+    except (FileNotFoundError, FileExistsError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
