@@ -1,0 +1,321 @@
+"""Tokenize, pack and shard raw corpora into a DATADIR (the engine behind data_tools/prepare.py).
+
+Workers tokenize chunks (see sources.py) in parallel; the main process takes their results in
+chunk order, so the token stream, and therefore every shard byte, is the same for any worker
+count. Everything is written under DATADIR.partial/ and renamed to DATADIR when complete. After
+each shard the main process records in progress.json where the next shard starts (chunk index and
+token offset), so a rerun after kill -9 skips finished shards and re-tokenizes only from there.
+"""
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from itertools import chain, islice
+from pathlib import Path
+
+import numpy as np
+
+from doge.data import shards
+from doge.data.atomic import write_json_atomic
+from doge.data.errors import DataError
+from doge.data.sources import STAT_KEYS, ReadOptions, Stats, plan_chunks, read_chunk
+from doge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+PROGRESS = "progress.json"
+ENCODE_BATCH = 512
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list
+    tokenizer: str
+    output: Path
+    seq_len: int = 2048
+    workers: int = 1
+    val_fraction: str = "0.001"
+    val_rows: int = 10000
+    shard_rows: int = 0  # 0: about 2**27 tokens per shard
+    chunk_bytes: int = 32 << 20
+    read: ReadOptions = field(default_factory=ReadOptions)
+    overwrite: bool = False
+    command: list = field(default_factory=list)
+
+
+def prepare(cfg: PrepareConfig, progress_bar: bool = True) -> Path:
+    """Run (or resume) a prepare; return the finished DATADIR."""
+    out = Path(cfg.output)
+    work = out.with_name(out.name + ".partial")
+    if out.exists() and not cfg.overwrite:
+        raise DataError(f"{out} already exists; pass --overwrite to replace it or choose another --output")
+    tok = load_tokenizer(cfg.tokenizer)
+    chunks, described = plan_chunks(cfg.inputs, cfg.read, cfg.chunk_bytes)
+    layout = _layout(cfg, tok, chunks, described)
+    state = _open_work(work, layout, tok)
+    try:
+        _run(cfg, work, layout, chunks, state, progress_bar)
+    except DataError:
+        shutil.rmtree(work, ignore_errors=True)  # bad input: a rerun would fail the same way
+        raise
+    _finish(cfg, work, out, layout, described, state)
+    return out
+
+
+def _layout(cfg: PrepareConfig, tok, chunks, described) -> dict:
+    """Everything that decides the output bytes; its hash guards resuming against changed input."""
+    seq_len = cfg.seq_len
+    if seq_len < 2:
+        raise DataError(f"--seq-len {seq_len}: must be at least 2")
+    fraction = Fraction(cfg.val_fraction).limit_denominator(10**6)
+    if not 0 <= fraction < 1:
+        raise DataError(f"--val-fraction {cfg.val_fraction}: must be in [0, 1)")
+    layout = {
+        "seq_len": seq_len,
+        "dtype": shards.dtype_for_vocab(len(tok)),
+        "shard_rows": cfg.shard_rows or max(1, (1 << 27) // seq_len),
+        "val_fraction": str(fraction),
+        "val_rows": cfg.val_rows,
+        "read": asdict(cfg.read),
+        "tokenizer": {
+            "fingerprint": tokenizer_fingerprint(tok),
+            "vocab_size": len(tok),
+            "bos_id": tok.bos_token_id,
+            "eos_id": tok.eos_token_id,
+            "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            "name_or_path": str(cfg.tokenizer),
+        },
+        "inputs": [[d["spec"], d["files"]] for d in described],
+        "chunks": [[c.source, c.path, c.kind, c.start, c.end, c.compressed] for c in chunks],
+        "mtimes": [os.stat(c.path).st_mtime_ns if os.path.exists(c.path) else 0 for c in chunks],
+    }
+    layout["id"] = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
+    return layout
+
+
+def _open_work(work: Path, layout: dict, tok) -> dict:
+    """Fresh state, or the committed state of an interrupted run of the same layout."""
+    progress = work / PROGRESS
+    if progress.is_file():
+        state = json.loads(progress.read_text())
+        if state["layout"] != layout["id"]:
+            raise DataError(
+                f"{work}: left by an interrupted prepare with different inputs or options; rerun that "
+                "exact command to finish it, or delete the folder to start over"
+            )
+        return state
+    work.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(work / "tokenizer")
+    state = {"layout": layout["id"], "next_row": 0, "chunk": 0, "chunk_token_start": 0, "offset": 0,
+             "sources": {}, "train": [], "val": []}
+    write_json_atomic(progress, state)
+    return state
+
+
+def _run(cfg: PrepareConfig, work: Path, layout: dict, chunks, state: dict, progress_bar: bool) -> None:
+    from tqdm import tqdm
+
+    packer = Packer(work, layout, state)
+    todo = range(state["chunk"], len(chunks))
+    ctx = multiprocessing.get_context("fork")
+    init = (str(work / "tokenizer"), cfg.read, layout["dtype"], cfg.workers > 1)
+    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init) as pool, tqdm(
+        total=len(chunks), initial=state["chunk"], unit="chunk", desc="prepare", disable=not progress_bar
+    ) as bar:
+        for index, (tokens, stats) in zip(todo, _ordered(pool, _tokenize_chunk, (chunks[i] for i in todo), 2 * cfg.workers)):
+            packer.feed(index, chunks[index].source, tokens, stats)
+            bar.update(1)
+            bar.set_postfix(rows=packer.first_row + packer.buffered_rows(), refresh=False)
+    packer.finish()
+
+
+def _ordered(pool, func, items, window: int):
+    """Like pool.imap, but with at most `window` results in flight, so memory stays bounded."""
+    items = iter(items)
+    pending = deque(pool.apply_async(func, (item,)) for item in islice(items, window))
+    while pending:
+        result = pending.popleft().get()
+        for item in islice(items, 1):
+            pending.append(pool.apply_async(func, (item,)))
+        yield result
+
+
+# ----------------------------------------------------------------------------- workers
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_dir: str, opts: ReadOptions, dtype: str, single_thread: bool) -> None:
+    """Load the Rust tokenizer once per process; one thread each when there are several workers."""
+    from tokenizers import Tokenizer
+
+    if single_thread:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(backend=Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json")),
+                   dir=tokenizer_dir, opts=opts, dtype=np.dtype(dtype))
+    _WORKER["eos"] = _saved_eos_id(tokenizer_dir)
+
+
+def _saved_eos_id(tokenizer_dir: str) -> int:
+    """EOS id from the saved folder without importing transformers in every worker."""
+    config = json.loads(Path(tokenizer_dir, "tokenizer_config.json").read_text())
+    eos = config["eos_token"]
+    eos = eos["content"] if isinstance(eos, dict) else eos
+    return _WORKER["backend"].token_to_id(eos)
+
+
+def _tokenize_chunk(chunk):
+    """One chunk -> (all its documents' tokens, each followed by EOS, as one array; stats)."""
+    stats = Stats()
+    docs = list(read_chunk(chunk, _WORKER["opts"], stats))
+    pieces = []
+    for start in range(0, len(docs), ENCODE_BATCH):
+        pieces.append(_encode(docs[start : start + ENCODE_BATCH]))
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, _WORKER["dtype"])
+    stats.tokens = int(tokens.size)
+    return tokens, stats
+
+
+def _encode(docs: list) -> np.ndarray:
+    """Tokenize with the tokenizer's own special tokens (BOS if it adds one), then append EOS."""
+    backend, eos = _WORKER["backend"], _WORKER["eos"]
+    if _WORKER["opts"].chat_fields:
+        ids = [e.ids for e in backend.encode_batch_fast([_render_chat(d) for d in docs], add_special_tokens=False)]
+    else:
+        ids = [e.ids for e in backend.encode_batch_fast(docs, add_special_tokens=True)]
+    for doc_ids in ids:
+        if not doc_ids or doc_ids[-1] != eos:
+            doc_ids.append(eos)
+    return np.fromiter(chain.from_iterable(ids), dtype=_WORKER["dtype"], count=sum(map(len, ids)))
+
+
+def _render_chat(parts: tuple) -> str:
+    """(prompt, answer) -> the tokenizer's chat template text (user turn, assistant turn)."""
+    if "chat" not in _WORKER:
+        _WORKER["chat"] = load_tokenizer(_WORKER["dir"])
+    messages = [{"role": "user", "content": parts[0]}, {"role": "assistant", "content": parts[1]}]
+    return _WORKER["chat"].apply_chat_template(messages, tokenize=False)
+
+
+# ----------------------------------------------------------------------------- packing
+class Packer:
+    """Cuts the token stream into rows, routes them to train/val, and commits shards in order.
+
+    A commit writes the next train shard plus the val rows that precede its last row, then
+    records the stream position after that row; all rows before it are on disk, none after it.
+    """
+
+    def __init__(self, work: Path, layout: dict, state: dict):
+        self.work, self.state = work, state
+        self.seq_len, self.shard_rows = layout["seq_len"], layout["shard_rows"]
+        self.dtype = np.dtype(layout["dtype"])
+        self.val = (layout["val_fraction"], layout["val_rows"])
+        self.pad_id = layout["tokenizer"]["pad_id"]
+        self.first_row = state["next_row"]  # global index of the first buffered row
+        self.rows: list = []
+        self.leftover = np.zeros(0, self.dtype)
+        self.skip = state["offset"]  # tokens of the first chunk already committed
+        self.fed: list = []  # (chunk index, token start, length, source, stats) not yet committed past
+        self.token_pos = state["chunk_token_start"]
+
+    def buffered_rows(self) -> int:
+        return sum(len(r) for r in self.rows)
+
+    def feed(self, index: int, source: int, tokens: np.ndarray, stats: Stats) -> None:
+        self.fed.append((index, self.token_pos, len(tokens), source, stats))
+        self.token_pos += len(tokens)
+        tokens, self.skip = tokens[self.skip :], 0
+        stream = np.concatenate([self.leftover, tokens])
+        n = len(stream) // self.seq_len
+        self.rows.append(stream[: n * self.seq_len].reshape(n, self.seq_len))
+        self.leftover = stream[n * self.seq_len :].copy()
+        while self._train_buffered() >= self.shard_rows:
+            self._commit(final=False)
+
+    def finish(self) -> None:
+        """Pad the last partial row, commit everything left, note the padding."""
+        if len(self.leftover):
+            row = np.full((1, self.seq_len), self.pad_id, self.dtype)
+            row[0, : len(self.leftover)] = self.leftover
+            self.state["pad_tokens"] = self.seq_len - len(self.leftover)
+            self.rows.append(row)
+            self.leftover = self.leftover[:0]
+        self._commit(final=True)
+
+    def _mask(self, n: int) -> np.ndarray:
+        return shards.val_mask(self.first_row, n, *self.val)
+
+    def _train_buffered(self) -> int:
+        n = self.buffered_rows()
+        return n - int(self._mask(n).sum())
+
+    def _commit(self, final: bool) -> None:
+        rows = np.concatenate(self.rows) if self.rows else np.zeros((0, self.seq_len), self.dtype)
+        mask = self._mask(len(rows))
+        cut = len(rows) if final else int(np.flatnonzero(~mask)[self.shard_rows - 1]) + 1
+        padded_split = None
+        if final and cut and "pad_tokens" in self.state:
+            padded_split = "val" if mask[cut - 1] else "train"
+        for split, selected in (("train", rows[:cut][~mask[:cut]]), ("val", rows[:cut][mask[:cut]])):
+            if len(selected):
+                self._write(split, selected, padded=split == padded_split)
+        self.rows = [rows[cut:]]
+        self.first_row += cut
+        self._record_position()
+
+    def _write(self, split: str, rows: np.ndarray, padded: bool) -> None:
+        tokens = rows.size - (self.state.get("pad_tokens", 0) if padded else 0)
+        name = shards.shard_name(split, len(self.state[split]))
+        self.state[split].append(shards.write_shard(self.work, name, rows, tokens))
+
+    def _record_position(self) -> None:
+        """Persist where the first uncommitted row starts: chunk index, offset, stats before it."""
+        position = self.first_row * self.seq_len
+        while self.fed and self.fed[0][1] + self.fed[0][2] <= position:
+            index, start, length, source, stats = self.fed.pop(0)
+            self._add_stats(source, stats)
+            self.state.update(chunk=index + 1, chunk_token_start=start + length, offset=0)
+        if self.fed:
+            index, start = self.fed[0][0], self.fed[0][1]
+            self.state.update(chunk=index, chunk_token_start=start, offset=position - start)
+        self.state["next_row"] = self.first_row
+        write_json_atomic(self.work / PROGRESS, self.state)
+
+    def _add_stats(self, source: int, stats: Stats) -> None:
+        total = self.state["sources"].setdefault(str(source), dict.fromkeys(STAT_KEYS, 0))
+        for key, value in stats.as_dict().items():
+            total[key] += value
+
+
+# ----------------------------------------------------------------------------- manifest
+def _finish(cfg: PrepareConfig, work: Path, out: Path, layout: dict, described, state: dict) -> None:
+    """Write the manifest, then make the DATADIR visible with one rename."""
+    splits = {
+        split: {
+            "rows": sum(e["rows"] for e in state[split]),
+            "tokens": sum(e["tokens"] for e in state[split]),
+            "shards": state[split],
+        }
+        for split in shards.SPLITS
+    }
+    sources = [dict(d, **state["sources"].get(str(i), dict.fromkeys(STAT_KEYS, 0))) for i, d in enumerate(described)]
+    manifest = {
+        "format": shards.FORMAT,
+        "version": shards.VERSION,
+        "seq_len": layout["seq_len"],
+        "dtype": layout["dtype"],
+        "tokenizer": layout["tokenizer"],
+        "splits": splits,
+        "val_fraction": layout["val_fraction"],
+        "val_rows": layout["val_rows"],
+        "pad_tokens": state.get("pad_tokens", 0),
+        "sources": sources,
+        "options": {"read": layout["read"], "shard_rows": layout["shard_rows"], "chunk_bytes": cfg.chunk_bytes},
+        "command": list(cfg.command),
+    }
+    write_json_atomic(work / shards.MANIFEST, manifest)
+    (work / PROGRESS).unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
