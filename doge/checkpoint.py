@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 STATE_FILE = "trainer_state.json"
 TMP_PREFIX = ".tmp-"
-SAVE_DELAY_ENV = "DOGE_FAULT_SAVE_DELAY_S"  # fault injection for tests: sleep inside the save
+SLOW_SAVE_ENV = "DOGE_FAULT_SLOW_SAVE"  # fault injection for tests: "STEP:SECONDS" sleeps inside that save
 
 
 @dataclass
@@ -95,6 +95,13 @@ def restore_rng(ckpt: Path, rank: int) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _injected_delay(step: int) -> None:
+    """Let a test kill -9 the job while a checkpoint is half written."""
+    fault = os.environ.get(SLOW_SAVE_ENV, "")
+    if fault and int(fault.split(":")[0]) == step:
+        time.sleep(float(fault.split(":")[1]))
+
+
 def save(engine, root: Path, state: TrainerState, tokenizer_dir: str | None, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the completed checkpoint folder."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -113,7 +120,7 @@ def save(engine, root: Path, state: TrainerState, tokenizer_dir: str | None, kee
         if tokenizer_dir:
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-        time.sleep(float(os.environ.get(SAVE_DELAY_ENV, 0)))
+        _injected_delay(state.step)
         _fsync_dir(tmp)
         os.rename(tmp, final)
         _fsync_dir(root)

@@ -61,12 +61,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Recipe]:
 
 def init_distributed() -> tuple[int, int, int]:
     """(rank, world, local world); a plain `python doge/train.py` becomes a 1-rank job."""
-    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                          ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
         os.environ.setdefault(key, default)
     on_cpu = get_accelerator().device_name() == "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
-    local_world = int(os.environ["LOCAL_WORLD_SIZE"])
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
     if on_cpu and "OMP_NUM_THREADS" not in os.environ:  # the launcher may not split the cores
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
     return dist.get_rank(), dist.get_world_size(), local_world

@@ -1,0 +1,71 @@
+"""Recipes and ds_configs: precedence, published numbers, "auto" filling, clear errors."""
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from doge.ds_config import fill
+from doge.recipe import Recipe, add_recipe_flags, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_recipe_flags(parser)
+    return {k: v for k, v in vars(parser.parse_args(argv)).items()}
+
+
+def test_cli_overrides_yaml_overrides_defaults():
+    recipe = load_recipe(str(REPO / "recipes/doge-20m.yaml"),
+                         parse(["--max-steps", "12", "--decay-start", "none", "--export", "false", "--lr", "1e-3"]))
+    assert (recipe.max_steps, recipe.lr, recipe.export, recipe.decay_start) == (12, 1e-3, False, None)
+    assert recipe.warmup_steps == 800 and recipe.seq_len == 2048  # from the YAML
+    assert recipe.max_bad_steps == Recipe().max_bad_steps  # default
+
+
+@pytest.mark.parametrize("name, lr, warmup, stable, decay, tokens", [
+    ("doge-20m", 8e-3, 800, 6400, 800, 0.5e6), ("doge-60m", 6e-3, 1600, 12800, 1600, 1e6),
+    ("doge-160m", 4e-3, 2400, 19200, 2400, 1.5e6), ("doge-320m", 2e-3, 3200, 25600, 3200, 2e6)])
+def test_published_recipes(name, lr, warmup, stable, decay, tokens):
+    recipe = load_recipe(str(REPO / f"recipes/{name}.yaml"), {})
+    assert (recipe.model, recipe.lr, recipe.warmup_steps, recipe.decay_steps) == (name, lr, warmup, decay)
+    assert recipe.max_steps - warmup - decay == stable
+    assert abs(recipe.global_batch_tokens - tokens) / tokens < 0.05 and recipe.seq_len == 2048
+    assert (recipe.adam_beta1, recipe.adam_beta2, recipe.weight_decay, recipe.grad_clip) == (0.9, 0.95, 0.01, 1.0)
+    assert recipe.precision == "bf16"
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"lr": 1e-3, "learning_rate": 2e-3}))
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_recipe(str(path), {})
+
+
+def test_help_explains_every_flag():
+    parser = argparse.ArgumentParser()
+    add_recipe_flags(parser)
+    text = parser.format_help()
+    for field in Recipe.__dataclass_fields__:
+        if field != "model_overrides":
+            assert "--" + field.replace("_", "-") in text
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero2_offload"])
+def test_ds_configs_fill_every_auto(name):
+    recipe = load_recipe(str(REPO / "recipes/doge-tiny.yaml"), {})
+    config = fill(str(REPO / f"ds_configs/{name}.json"), recipe, micro_batch=8, grad_accum=3, world_size=2, bf16=True)
+    assert "auto" not in json.dumps(config)
+    assert config["train_batch_size"] == 48 and config["gradient_accumulation_steps"] == 3
+    assert config["optimizer"]["params"]["betas"] == [0.9, 0.95] and config["bf16"]["enabled"] is True
+    assert config["zero_optimization"]["stage"] == int(name[4])
+
+
+def test_unknown_auto_is_an_error(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": "auto"}}))
+    with pytest.raises(ValueError, match="zero_optimization.stage"):
+        fill(str(path), Recipe(), 1, 1, 1, False)
