@@ -17,12 +17,10 @@ Files go to --download-dir (resumable: huggingface_hub skips finished files); ea
 written by data_tools/prepare.py's engine, so reruns resume too.
 """
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from doge.data.errors import DataError
-from doge.data.prepare import PrepareConfig, prepare
-from doge.data.sources import ReadOptions
 
 SOURCES = {
     "fineweb-edu-dedup": ("HuggingFaceTB/smollm-corpus", "fineweb-edu-dedup"),
@@ -63,6 +61,11 @@ def download(repo: str, folder: str, target: Path, max_files: int) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # imported after parsing so that --help answers at once (importing doge loads transformers)
+    from doge.data import DataError
+    from doge.data.prepare import PrepareConfig, prepare
+    from doge.data.sources import ReadOptions
     raw, out_root = Path(args.download_dir), Path(args.out_root)
     for name in args.only or SOURCES:
         repo, folder = SOURCES[name]

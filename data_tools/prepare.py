@@ -11,11 +11,9 @@ Work happens in DATADIR.partial/, renamed to DATADIR when complete; rerun the sa
 a crash or kill and it continues after the last finished shard.
 """
 import argparse
+import logging
 import sys
 
-from doge.data.errors import DataError
-from doge.data.prepare import PrepareConfig, prepare
-from doge.data.sources import TXT_SPLITS, ReadOptions
 
 
 def parse_args(argv=None):
@@ -32,7 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--chat-fields", metavar="PROMPT,ANSWER",
                    help="render two fields as a user/assistant chat with the tokenizer's chat template "
                         "(e.g. prompt,text for cosmopedia) instead of reading --text-field")
-    p.add_argument("--txt-split", choices=TXT_SPLITS, default="paragraph",
+    p.add_argument("--txt-split", choices=("paragraph", "line", "file"), default="paragraph",
                    help="what a document is in a text file: blank-line separated paragraph (default), line, or file")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1); output is identical for any value")
     p.add_argument("--val-fraction", default="0.001",
@@ -49,6 +47,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # imported after parsing so that --help answers at once (importing doge loads transformers)
+    from doge.data import DataError
+    from doge.data.prepare import PrepareConfig, prepare
+    from doge.data.sources import ReadOptions
     chat = tuple(args.chat_fields.split(",")) if args.chat_fields else ()
     if chat and len(chat) != 2:
         print("error: --chat-fields takes two field names, PROMPT,ANSWER", file=sys.stderr)

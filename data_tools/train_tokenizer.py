@@ -9,11 +9,9 @@ The folder loads with AutoTokenizer.from_pretrained(TOKDIR) as a fast tokenizer:
 chat template. Same input and flags give the same tokenizer.
 """
 import argparse
+import logging
 import sys
 
-from doge.data.errors import DataError
-from doge.data.sources import TXT_SPLITS, ReadOptions
-from doge.data.tokenizer import train_tokenizer
 
 
 def parse_args(argv=None):
@@ -25,7 +23,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=32768,
                    help="total vocabulary including special and chat tokens (default 32768, as in Doge)")
     p.add_argument("--text-field", default="text", help="field/column holding the text in JSON/parquet (default text)")
-    p.add_argument("--txt-split", choices=TXT_SPLITS, default="paragraph",
+    p.add_argument("--txt-split", choices=("paragraph", "line", "file"), default="paragraph",
                    help="what a document is in a text file: blank-line separated paragraph (default), line, or file")
     p.add_argument("--max-sentences", type=int, default=0,
                    help="train on a seeded random sample of this many text pieces (0 = all; use e.g. 10000000 "
@@ -37,6 +35,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # imported after parsing so that --help answers at once (importing doge loads transformers)
+    from doge.data import DataError
+    from doge.data.sources import ReadOptions
+    from doge.data.tokenizer import train_tokenizer
     opts = ReadOptions(text_field=args.text_field, txt_split=args.txt_split)
     try:
         out = train_tokenizer(args.input, args.output, args.vocab_size, opts, args.max_sentences, args.seed, args.threads)

@@ -8,6 +8,7 @@ token offset), so a rerun after kill -9 skips finished shards and re-tokenizes o
 """
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -25,7 +26,14 @@ from doge.data.errors import DataError
 from doge.data.sources import STAT_KEYS, ReadOptions, Stats, plan_chunks, read_chunk
 from doge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
+log = logging.getLogger(__name__)
 PROGRESS = "progress.json"
+NOTICES = {
+    "skipped_empty": "skipped {} empty or whitespace-only documents",
+    "utf8_replaced": "replaced invalid UTF-8 with U+FFFD in {} documents",
+    "crlf_normalized": "turned CRLF/CR line ends into LF in {} documents",
+    "bom_stripped": "removed {} byte-order marks",
+}
 ENCODE_BATCH = 512
 
 
@@ -314,6 +322,10 @@ def _finish(cfg: PrepareConfig, work: Path, out: Path, layout: dict, described, 
         "options": {"read": layout["read"], "shard_rows": layout["shard_rows"], "chunk_bytes": cfg.chunk_bytes},
         "command": list(cfg.command),
     }
+    for source in sources:
+        for key, text in NOTICES.items():
+            if source[key]:
+                log.warning("%s: %s (counted in manifest.json sources[].%s)", source["spec"], text.format(source[key]), key)
     write_json_atomic(work / shards.MANIFEST, manifest)
     (work / PROGRESS).unlink()
     if out.exists():

@@ -1,0 +1,100 @@
+"""Shared helpers for the data tests (a plain module: fixtures live in the test files).
+
+The real corpora sit beside the checkout in ../shared/data/pretrain; tests that need them skip
+when that folder is absent. Expensive artefacts (a tokenizer, prepared DATADIRs) are built once
+per test session and cached here.
+"""
+import functools
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+PRETRAIN = SHARED_DATA / "pretrain"
+TEXT_CORPORA = ["tinyshakespeare.txt", "wikitext2_test.raw", "tinystories_val.txt"]
+CODE_CORPUS = "python_edu_thealgorithms.jsonl"
+needs_corpora = pytest.mark.skipif(
+    not PRETRAIN.is_dir(), reason=f"real corpora not found at {PRETRAIN} (../shared/data beside the checkout)"
+)
+VOCAB = 1024
+SEQ_LEN = 256
+# Small shards and chunks so that the real corpora give many of each.
+PREPARE_OPTIONS = dict(seq_len=SEQ_LEN, val_fraction="0.01", shard_rows=400, chunk_bytes=200_000)
+
+
+@functools.lru_cache(maxsize=None)
+def scratch() -> Path:
+    return Path(tempfile.mkdtemp(prefix="doge-data-tests-"))
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_dir() -> Path:
+    """A 1024-token tokenizer trained on all four corpora (a few seconds)."""
+    from doge.data.tokenizer import train_tokenizer
+
+    return train_tokenizer([str(PRETRAIN)], scratch() / "tokenizer", vocab_size=VOCAB, threads=1)
+
+
+def prepare_config(inputs, output, **overrides):
+    from doge.data.prepare import PrepareConfig
+
+    options = dict(PREPARE_OPTIONS, **overrides)
+    return PrepareConfig(inputs=[str(i) for i in inputs], tokenizer=str(tokenizer_dir()), output=Path(output), **options)
+
+
+def prepared_all(workers: int = 1) -> Path:
+    """All four corpora in one DATADIR."""
+    return _prepared_all(workers)
+
+
+@functools.lru_cache(maxsize=None)
+def _prepared_all(workers: int) -> Path:
+    from doge.data.prepare import prepare
+
+    return prepare(prepare_config([PRETRAIN], scratch() / f"all-w{workers}", workers=workers), progress_bar=False)
+
+
+@functools.lru_cache(maxsize=None)
+def prepared_each() -> dict:
+    """One DATADIR per corpus (for mixtures), rows of 128 tokens."""
+    from doge.data.prepare import prepare
+
+    out = {}
+    for name in TEXT_CORPORA + [CODE_CORPUS]:
+        cfg = prepare_config([PRETRAIN / name], scratch() / f"each-{name}", seq_len=128, workers=2)
+        out[name] = prepare(cfg, progress_bar=False)
+    return out
+
+
+def read_manifest(datadir: Path) -> dict:
+    return json.loads((Path(datadir) / "manifest.json").read_text())
+
+
+def reference_documents(path: Path) -> list[str]:
+    """Documents as the README defines them, written independently of doge.data.sources:
+    text files split at blank lines, JSON Lines' "text" field; CRLF and CR read as LF."""
+    if path.suffix == ".jsonl":
+        texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [t.replace("\r\n", "\n").replace("\r", "\n") for t in texts]
+    text = path.read_bytes().decode("utf-8").replace("\r\n", "\n")
+    docs, current = [], []
+    for line in text.split("\n"):
+        if line.strip(" \t\r\x0b\x0c"):
+            current.append(line)
+        elif current:
+            docs.append("\n".join(current))
+            current = []
+    return docs + ["\n".join(current)] if current else docs
+
+
+def shard_rows(datadir: Path, split: str):
+    """All rows of a split, in order, read with datasets.Dataset.from_file."""
+    import datasets
+    import numpy as np
+
+    manifest = read_manifest(datadir)
+    arrays = [np.asarray(datasets.Dataset.from_file(str(Path(datadir) / e["file"])).with_format("numpy")["input_ids"])
+              for e in manifest["splits"][split]["shards"]]
+    return np.concatenate(arrays) if arrays else np.zeros((0, manifest["seq_len"]), dtype=np.int64)
