@@ -1,0 +1,119 @@
+"""Dynamic Mask Attention (DMA): all of its maths lives here.
+
+Each key position gets one learned number per KV head from its value states,
+
+    bias[b, h, j] = exp(A[h] * softplus(dt_proj(v[b, j])[h]))
+
+which is added to every query's score for key j. Scores are q.k * scaling + bias, causal.
+When a query can see more than `keep_window` keys, it keeps only the `keep_window` visible keys
+with the largest bias and masks the rest (the reference picks them with `topk` over a materialised
+L x L mask). Ties between equal biases (e.g. at initialisation, where A = 0 makes every bias 1)
+are broken towards the most recent key, so an untrained model behaves as a sliding window.
+
+Fast path (every visible key kept): no L x L float mask is built. The bias is folded into one
+extra q/k dimension, q' = [q, 1/scaling], k' = [k, bias], so q'.k' * scaling = q.k * scaling + bias
+and SDPA's fused causal kernel runs; the bias still gets its gradient through k'. q/k/v are padded
+to a multiple of 8 so the fused CPU kernel accepts them.
+
+Sparse path (more visible keys than the window): queries are processed in chunks; each chunk
+builds a boolean (chunk x keys) mask of the keys it keeps, so peak memory is O(L * chunk) per head
+with chunk <= max(keep_window, 256), never O(L^2).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIN_CHUNK = 256
+
+
+def dynamic_bias(value_states: torch.Tensor, dt_proj: nn.Linear, A: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, Lk, D) value states -> (B, Hkv, Lk) additive per-key bias."""
+    batch, kv_heads, length, dim = value_states.shape
+    dt = dt_proj(value_states.transpose(1, 2).reshape(batch, length, kv_heads * dim))
+    return torch.exp(A * F.softplus(dt)).transpose(1, 2)
+
+
+def fold_bias(q, k, v, bias, scaling: float):
+    """Append the bias as an extra q/k dimension and pad q/k/v to a multiple of 8."""
+    dim = q.shape[-1]
+    pad = (-(dim + 1)) % 8
+    ones = torch.full((*q.shape[:-1], 1), 1.0 / scaling, dtype=q.dtype, device=q.device)
+    q = F.pad(torch.cat((q, ones), dim=-1), (0, pad))
+    k = F.pad(torch.cat((k, bias.unsqueeze(-1).to(k.dtype)), dim=-1), (0, pad))
+    v = F.pad(v, (0, pad + 1))
+    return q, k, v
+
+
+def visible_keys(q_len: int, k_len: int, key_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """(B or 1, 1, q_len, k_len) bool: causal, queries are the last q_len positions of the keys."""
+    rows = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    visible = (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, None, :k_len].bool()
+    return visible
+
+
+def key_ranks(bias: torch.Tensor) -> torch.Tensor:
+    """Rank of each key by (bias descending, position descending): 0 is the most wanted key."""
+    length = bias.shape[-1]
+    order = torch.sort(bias.flip(-1).float(), dim=-1, descending=True, stable=True).indices
+    positions = (length - 1) - order
+    ranks = torch.empty_like(positions)
+    arange = torch.arange(length, device=bias.device).expand_as(positions)
+    return ranks.scatter_(-1, positions, arange).float()
+
+
+def kept_keys(ranks: torch.Tensor, visible: torch.Tensor, keep_window: int) -> torch.Tensor:
+    """Boolean mask of the keys each query keeps: its `keep_window` best-ranked visible keys."""
+    masked = ranks[:, :, None, :].masked_fill(~visible, float("inf"))
+    if masked.shape[-1] <= keep_window:
+        return visible.expand_as(masked)
+    threshold = masked.kthvalue(keep_window, dim=-1, keepdim=True).values
+    return visible & (masked <= threshold)
+
+
+def _sdpa(q, k, v, scaling, **kwargs):
+    groups = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=groups > 1, **kwargs)
+
+
+def dma_attention(q, k, v, bias, *, scaling: float, keep_window: int,
+                  key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention with the dynamic mask.
+
+    q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D); bias: (B, Hkv, Lk); key_mask: (B, Lk) with 1 for real
+    tokens (padding otherwise) or None. The queries are the last Lq of the Lk positions.
+    Returns (B, H, Lq, D).
+    """
+    q_len, k_len, dim = q.shape[2], k.shape[2], q.shape[-1]
+    qf, kf, vf = fold_bias(q, k, v, bias, scaling)
+    if k_len > keep_window:
+        out = _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask)
+    elif key_mask is None and q_len == k_len:
+        out = _sdpa(qf, kf, vf, scaling, is_causal=True)
+    elif key_mask is None and q_len == 1:
+        out = _sdpa(qf, kf, vf, scaling)
+    else:
+        out = _sdpa(qf, kf, vf, scaling, attn_mask=visible_keys(q_len, k_len, key_mask, q.device))
+    return out[..., :dim]
+
+
+def _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask):
+    """Chunk over queries; each chunk sees only keys up to its last position."""
+    q_len, k_len = qf.shape[2], kf.shape[2]
+    groups = qf.shape[1] // kf.shape[1]
+    ranks = key_ranks(bias.detach())
+    chunk = max(keep_window, MIN_CHUNK)
+    outs = []
+    for start in range(0, q_len, chunk):
+        stop = min(start + chunk, q_len)
+        last = k_len - q_len + stop  # keys beyond this are invisible to the whole chunk
+        visible = visible_keys(stop - start, last, key_mask, qf.device)
+        keep = kept_keys(ranks[..., :last], visible, keep_window)
+        if groups > 1:
+            keep = keep.repeat_interleave(groups, dim=1)
+        outs.append(_sdpa(qf[:, :, start:stop], kf[:, :, :last], vf[:, :, :last], scaling,
+                          attn_mask=keep))
+    return torch.cat(outs, dim=2)

@@ -1,0 +1,186 @@
+"""The Doge model: a decoder-only transformer with Dynamic Mask Attention and optional CDMoE.
+
+Read top to bottom: norm, attention, decoder layer, model, causal-LM head. The DMA maths lives in
+`doge/dma.py`, the CDMoE routing in `doge/cdmoe.py`, RoPE in `doge/rope.py`. Parameter names and
+config keys are those of `transformers.DogeForCausalLM`, so weights move freely both ways.
+
+Per layer:
+    h = input_residual * h + DMA(RMSNorm(h))
+    h = post_attention_residual * h + MLP(RMSNorm(h))     # MLP: dense SwiGLU or CDMoE
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+
+from doge.cdmoe import DogeCDMoE, DogeMLP, load_balancing_loss
+from doge.configuration import DogeConfig
+from doge.dma import dma_attention, dynamic_bias
+from doge.rope import DogeRotaryEmbedding, apply_rotary, head_dim_of
+
+
+class DogeRMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back, then scaled (the stock order of operations)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class DogeAttention(nn.Module):
+    """GQA attention with RoPE, per-head q/k RMSNorm and the dynamic mask (see doge/dma.py)."""
+
+    def __init__(self, config: DogeConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim_of(config)
+        self.scaling = self.head_dim ** -0.5
+        self.keep_window_size = config.keep_window_size
+        heads, kv_heads, bias = config.num_attention_heads, config.num_key_value_heads, config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
+        self.A = nn.Parameter(torch.zeros(kv_heads))
+        self.dt_proj = nn.Linear(kv_heads * self.head_dim, kv_heads, bias=bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = DogeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = DogeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def forward(self, x, rotary, cache: Cache | None = None, key_mask=None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        shape = (batch, length, -1, self.head_dim)
+        q = self.q_norm(self.q_proj(x).view(shape)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        bias = dynamic_bias(v, self.dt_proj, self.A)
+        out = dma_attention(q, k, v, bias, scaling=self.scaling, keep_window=self.keep_window_size,
+                            key_mask=key_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class DogeDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DogeConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = DogeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = DogeAttention(config, layer_idx)
+        self.input_residual = nn.Parameter(torch.ones(config.hidden_size))
+        self.post_attention_layernorm = DogeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = DogeCDMoE(config) if config.is_moe else DogeMLP(config)
+        self.post_attention_residual = nn.Parameter(torch.ones(config.hidden_size))
+        self.hidden_dropout = config.hidden_dropout
+
+    def forward(self, h, rotary, cache=None, key_mask=None):
+        """Returns (hidden states, router logits or None)."""
+        attn = self.self_attn(self.input_layernorm(h), rotary, cache, key_mask)
+        h = self.input_residual * h + F.dropout(attn, self.hidden_dropout, self.training)
+        mlp_out, router_logits = self.mlp(self.post_attention_layernorm(h)), None
+        if isinstance(mlp_out, tuple):
+            mlp_out, router_logits = mlp_out
+        h = self.post_attention_residual * h + F.dropout(mlp_out, self.hidden_dropout, self.training)
+        return h, router_logits
+
+
+class DogePreTrainedModel(PreTrainedModel):
+    config_class = DogeConfig
+    config: DogeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DogeDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        """Stock init (normal(0.02) for Linear/Embedding, ones for norms); A = 0, residuals = 1."""
+        super()._init_weights(module)
+        if isinstance(module, DogeAttention):
+            init.zeros_(module.A)
+        elif isinstance(module, DogeDecoderLayer):
+            init.ones_(module.input_residual)
+            init.ones_(module.post_attention_residual)
+
+
+def _key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A 2-D padding mask, or None when nothing is padded (so the fused causal kernel can run)."""
+    if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()
+
+
+class DogeModel(DogePreTrainedModel):
+    def __init__(self, config: DogeConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DogeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = DogeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DogeRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + h.shape[1], device=h.device)[None]
+        rotary = self.rotary_emb(position_ids, h.dtype)
+        key_mask = _key_mask(attention_mask)
+        router_logits = []
+        for layer in self.layers:
+            h, logits = layer(h, rotary, cache, key_mask)
+            if logits is not None:
+                router_logits.append(logits)
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache,
+                                      router_logits=tuple(router_logits) or None)
+
+
+class DogeForCausalLM(DogePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DogeConfig):
+        super().__init__(config)
+        self.model = DogeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
+                output_router_logits=None, past_key_values=None, **kwargs) -> MoeCausalLMOutputWithPast:
+        """Logits, and with `labels` the shifted next-token loss (+ router aux loss when asked)."""
+        outputs = self.model(input_ids, attention_mask, position_ids, cache or past_key_values,
+                             inputs_embeds, use_cache)
+        h = outputs.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else h[:, logits_to_keep]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        aux_loss = None
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        if output_router_logits and outputs.router_logits:
+            mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts,
+                                           self.config.num_experts_per_tok, mask)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache,
+                                         router_logits=outputs.router_logits)
