@@ -40,8 +40,8 @@ def tokenizer_dir() -> Path:
 def prepare_config(inputs, output, **overrides):
     from doge.data.prepare import PrepareConfig
 
-    options = dict(PREPARE_OPTIONS, **overrides)
-    return PrepareConfig(inputs=[str(i) for i in inputs], tokenizer=str(tokenizer_dir()), output=Path(output), **options)
+    options = {**PREPARE_OPTIONS, "tokenizer": str(tokenizer_dir()), **overrides}
+    return PrepareConfig(inputs=[str(i) for i in inputs], output=Path(output), **options)
 
 
 def prepared_all(workers: int = 1) -> Path:

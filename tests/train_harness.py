@@ -6,9 +6,11 @@ the uninterrupted reference run) are memoised so the suite pays for them once.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,9 +143,17 @@ def tree_digest(root: Path) -> dict[str, tuple]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _make_base() -> None:
+    """Session scratch folder, removed at exit unless DOGE_KEEP_TEST_RUNS is set (for debugging)."""
+    BASE.mkdir(parents=True, exist_ok=True)
+    if not os.environ.get("DOGE_KEEP_TEST_RUNS"):
+        atexit.register(shutil.rmtree, BASE, True)
+
+
 @functools.lru_cache(maxsize=None)
 def tokenizer() -> Path:
     require_shared_data()
+    _make_base()
     out = BASE / "tokenizer"
     run([sys.executable, "data_tools/train_tokenizer.py", "--input", str(SHARED_PRETRAIN / "tinyshakespeare.txt"),
          str(SHARED_PRETRAIN / "tinystories_val.txt"), "--vocab-size", "1024", "--output", str(out)])
@@ -155,7 +165,7 @@ def prepared(corpus: str = "tinyshakespeare.txt") -> Path:
     """A DATADIR of 64-token rows over one shared corpus, tokenised with the session's tokenizer."""
     out = BASE / f"data-{corpus}"
     run([sys.executable, "data_tools/prepare.py", "--input", str(SHARED_PRETRAIN / corpus), "--tokenizer",
-         str(tokenizer()), "--seq-len", str(SEQ_LEN), "--output", str(out), "--val-rows", "64", "--workers", "1"])
+         str(tokenizer()), "--seq-len", str(SEQ_LEN), "--output", str(out), "--val-fraction", "0.01", "--val-rows", "64", "--workers", "1"])
     return out
 
 
