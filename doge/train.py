@@ -242,6 +242,9 @@ def main(argv=None) -> int:
         reporter.message(f"{'resumed from ' + str(source) if resumed else 'initialised from ' + str(source) if source else 'fresh start'}"
                          f" at step {state.step}: {n_params / 1e6:.2f}M params, world {world}, global batch "
                          f"{global_batch} x {recipe.seq_len} tokens, grad accum {grad_accum}, {'bf16' if bf16 else 'fp32'}")
+        if val is not None and not n_val:
+            reporter.message(f"validation off: the val split has {len(val)} samples, fewer than micro batch x world "
+                             f"= {world * recipe.micro_batch_size}; prepare more with --val-fraction/--val-rows")
 
     loss_sum, loss_count, tokens_since = 0.0, 0, 0
     stopped = False
