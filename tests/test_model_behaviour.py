@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import distinct_tokens, stock_twin, tiny_config
+from conftest import distinct_tokens, tiny_config
 
 from doge import DogeForCausalLM
 from doge.cdmoe import load_balancing_loss

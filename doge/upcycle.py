@@ -1,0 +1,71 @@
+"""Dense -> CDMoE upcycling: continue training a dense Doge checkpoint as a CDMoE model.
+
+The dense MLP becomes the shared expert unchanged. The new parameters are the router and the two
+expert tables; `up_embed` starts at zero, so the routed term sum_k act(down_k . x) w_k up_k is
+exactly zero and the upcycled model computes the dense model's logits at step 0. Its gradient is
+act(down_k . x) w_k * dL/dout, non-zero from the first step; once `up_embed` has moved, the router
+and `down_embed` get gradients too (by the second optimizer step).
+
+    python -m doge.upcycle DENSE_DIR OUT_DIR --num-experts 1024 --top-k 16
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from doge.configuration import DogeConfig
+from doge.modeling import DogeForCausalLM
+
+NEW_PARAMETERS = ("router_gate", "down_embed", "up_embed")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja", "generation_config.json")
+
+
+def upcycle(dense: DogeForCausalLM, num_experts: int, top_k: int) -> DogeForCausalLM:
+    """A CDMoE model whose shared experts are `dense`'s MLPs and whose output equals `dense`'s."""
+    if dense.config.is_moe:
+        raise ValueError("the checkpoint is already a CDMoE model (config.is_moe is true)")
+    if math.isqrt(num_experts) ** 2 != num_experts:
+        raise ValueError(f"--num-experts {num_experts} must be a perfect square (product keys); "
+                         f"e.g. {math.isqrt(num_experts) ** 2} or {(math.isqrt(num_experts) + 1) ** 2}")
+    config = DogeConfig(**{**dense.config.to_dict(), "is_moe": True, "num_experts": num_experts,
+                           "num_experts_per_tok": top_k})
+    moe = DogeForCausalLM(config).to(dense.dtype)
+    result = moe.load_state_dict(dense.state_dict(), strict=False)
+    unexpected_new = [k for k in result.missing_keys if not k.endswith(tuple(f"{p}.weight" for p in NEW_PARAMETERS))]
+    if result.unexpected_keys or unexpected_new:
+        raise ValueError(f"dense checkpoint does not match a Doge model: missing {unexpected_new}, "
+                         f"unexpected {result.unexpected_keys}")
+    with torch.no_grad():
+        for layer in moe.model.layers:
+            layer.mlp.up_embed.weight.zero_()
+    return moe
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dense_dir", type=Path, help="HF-format dense Doge checkpoint folder")
+    parser.add_argument("out_dir", type=Path, help="where to write the CDMoE checkpoint (must not exist)")
+    parser.add_argument("--num-experts", type=int, required=True, help="number of experts (a perfect square)")
+    parser.add_argument("--top-k", type=int, required=True, help="experts per token (num_experts_per_tok)")
+    args = parser.parse_args(argv)
+    if args.out_dir.exists():
+        parser.error(f"{args.out_dir} exists; choose a new output folder so nothing is overwritten")
+    moe = upcycle(DogeForCausalLM.from_pretrained(args.dense_dir), args.num_experts, args.top_k)
+    tmp = args.out_dir.with_name(args.out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    moe.save_pretrained(tmp)
+    for name in TOKENIZER_FILES:
+        if (args.dense_dir / name).exists():
+            shutil.copy2(args.dense_dir / name, tmp / name)
+    tmp.rename(args.out_dir)
+    print(f"wrote {args.out_dir}: {args.num_experts} experts, top-{args.top_k}, "
+          f"{sum(p.numel() for p in moe.parameters()) / 1e6:.1f}M parameters")
+
+
+if __name__ == "__main__":
+    main()
