@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest_data import (CODE_CORPUS, PRETRAIN, SEQ_LEN, TEXT_CORPORA, needs_corpora, prepare_config, prepared_all,
                            read_manifest, reference_documents, scratch, shard_rows, tokenizer_dir)
 

@@ -327,7 +327,7 @@ def _finish(cfg: PrepareConfig, work: Path, out: Path, layout: dict, described, 
             if source[key]:
                 log.warning("%s: %s (counted in manifest.json sources[].%s)", source["spec"], text.format(source[key]), key)
     write_json_atomic(work / shards.MANIFEST, manifest)
-    (work / PROGRESS).unlink()
     if out.exists():
         shutil.rmtree(out)
     os.replace(work, out)
+    (out / PROGRESS).unlink()  # after the rename: a kill in between leaves a complete DATADIR

@@ -6,13 +6,12 @@ copy. Each shard is an Arrow IPC stream (what `datasets.Dataset.from_file` opens
 as a single record batch so a reader maps the whole shard as one (rows, seq_len) array.
 
 Rows come from one token stream (documents + EOS, in input order) cut every seq_len tokens; row r
-goes to val when `is_val_row(r, ...)`, else to train, so train+val together hold every token once.
+goes to val when `val_mask` selects it, else to train, so train+val together hold every token once.
 Only the stream's final row can be partial: it is padded with pad_id, and the shard's `tokens`
 field (real tokens) is then less than rows * seq_len.
 """
 import hashlib
 import json
-import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -147,14 +146,6 @@ def manifest_sha256(datadir: Path) -> str:
     return sha256_file(Path(datadir) / MANIFEST)
 
 
-def total_rows(manifest: dict, split: str) -> int:
-    return sum(entry["rows"] for entry in manifest["splits"][split]["shards"])
-
-
 def full_rows(entry: dict, seq_len: int) -> int:
     """Rows without padding (only a stream's last row can be padded)."""
     return min(entry["rows"], entry["tokens"] // seq_len)
-
-
-def disk_bytes(datadir: Path) -> int:
-    return sum(os.path.getsize(p) for p in Path(datadir).glob("*.arrow"))

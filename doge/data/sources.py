@@ -364,16 +364,13 @@ def _json_records(chunk: Chunk, stats: Stats):
         return
     for i, line in enumerate(raw.split(b"\n")):
         if line.strip():
-            where = _line_label(path, chunk, i)
+            where = _LineLabel(path, chunk, i)
             yield where, _parse_json_line(line, path, where, stats)
 
 
-def _line_label(path: Path, chunk: Chunk, index: int):
-    """A lazily computed 'line N' label (counting newlines only when an error is raised)."""
-    return _LineLabel(path, chunk, index)
-
-
 class _LineLabel:
+    """A lazily computed 'line N' label (counting newlines only when an error is raised)."""
+
     def __init__(self, path, chunk, index):
         self.path, self.chunk, self.index = path, chunk, index
 
