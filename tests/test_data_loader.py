@@ -143,3 +143,20 @@ def test_loader_throughput_is_reasonable():
         data.rank_batch(step * 64, 64, 0, 1)
     rate = 50 * 64 / (time.perf_counter() - start)
     assert rate > 2000, f"{rate:.0f} samples/s"
+
+
+def test_shipped_smollm_mixture_is_70_20_5_5_and_exact_per_window():
+    from pathlib import Path
+
+    from doge.data.mixture import Schedule, read_mixture
+
+    yaml_path = Path(__file__).resolve().parents[1] / "data_tools" / "mixtures" / "smollm-corpus.yaml"
+    sources = read_mixture(yaml_path)
+    assert [(s["name"], s["weight"]) for s in sources] == [
+        ("fineweb-edu-dedup", 70), ("cosmopedia-v2", 20), ("python-edu", 5), ("finemath-4plus", 5)]
+    assert all(s["path"].parent == sources[0]["path"].parent for s in sources)
+    weights = integer_weights([s["weight"] for s in sources])
+    assert weights == [14, 4, 1, 1] and max_window_error(weights, Schedule(weights).slots) <= 1.0
+    if not sources[0]["path"].exists():
+        with pytest.raises(DataError, match="fineweb-edu-dedup/manifest.json: no manifest"):
+            open_pretrain_data(yaml_path)
