@@ -57,6 +57,8 @@ def prepare(cfg: PrepareConfig, progress_bar: bool = True) -> Path:
     """Run (or resume) a prepare; return the finished DATADIR."""
     out = Path(cfg.output)
     work = out.with_name(out.name + ".partial")
+    if cfg.workers < 1:
+        raise DataError(f"--workers {cfg.workers}: must be at least 1")
     if out.exists() and not cfg.overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it or choose another --output")
     tok = load_tokenizer(cfg.tokenizer)
