@@ -111,3 +111,27 @@ def test_upcycle_cli_writes_a_stock_loadable_checkpoint(tmp_path):
 def test_upcycle_rejects_non_square_expert_count():
     with pytest.raises(ValueError, match="perfect square"):
         upcycle(DogeForCausalLM(tiny_config()), num_experts=60, top_k=4)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fused_loss_matches_hf_loss_and_gradients(autocast):
+    """skip_logits=True (chunked fused LM head + cross-entropy) gives HF's loss and gradients."""
+    torch.manual_seed(16)
+    model = DogeForCausalLM(tiny_config(vocab_size=3000)).train()
+    x = torch.randint(0, 3000, (2, 700), generator=torch.Generator().manual_seed(16))
+    labels = x.clone()
+    labels[0, :50] = -100
+    results = []
+    for skip in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x, labels=labels, skip_logits=skip)
+        out.loss.backward()
+        assert (out.logits is None) == skip
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    tol = 2e-2 if autocast else 1e-5
+    assert abs(loss_a - loss_b) <= tol * abs(loss_a)
+    for name in grads_a:
+        scale = grads_a[name].abs().max().item()
+        assert (grads_a[name] - grads_b[name]).abs().max().item() <= tol * scale + 1e-8, name
