@@ -132,7 +132,10 @@ def main(argv=None) -> int:
             from doge.data.tokenizer import train_tokenizer
 
             tokenizer_dir = train_tokenizer([str(PRETRAIN)], work / "tokenizer", vocab_size=args.vocab_size)
-        results = {"cpus": os.cpu_count(), "seq_len": args.seq_len, "vocab": args.vocab_size}
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+        results = {"cpus": os.cpu_count(), "seq_len": args.seq_len, "vocab": vocab}
         tokens, seconds = ceiling(tokenizer_dir)
         results["ceiling_tokens_per_s"] = tokens / seconds
         for num_proc in (1, 2):

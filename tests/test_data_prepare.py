@@ -148,7 +148,9 @@ def test_hub_spec_reads_a_datasets_folder(tmp_path, monkeypatch):
     lines = (PRETRAIN / CODE_CORPUS).read_text().splitlines()[:100]
     (tmp_path / "hubdata").mkdir()
     (tmp_path / "hubdata" / "train.jsonl").write_text("\n".join(lines) + "\n")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     hub = prepare(prepare_config([f"hf:{tmp_path / 'hubdata'}"], tmp_path / "hub"), progress_bar=False)
     local = prepare(prepare_config([tmp_path / "hubdata" / "train.jsonl"], tmp_path / "local"), progress_bar=False)
     assert shard_bytes(hub) == shard_bytes(local)
