@@ -4,8 +4,10 @@ The real corpora sit beside the checkout in ../shared/data/pretrain; tests that 
 when that folder is absent. Expensive artefacts (a tokenizer, prepared DATADIRs) are built once
 per test session and cached here.
 """
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,7 +28,10 @@ PREPARE_OPTIONS = dict(seq_len=SEQ_LEN, val_fraction="0.01", shard_rows=400, chu
 
 @functools.lru_cache(maxsize=None)
 def scratch() -> Path:
-    return Path(tempfile.mkdtemp(prefix="doge-data-tests-"))
+    """One temporary folder per test session, removed at exit."""
+    path = Path(tempfile.mkdtemp(prefix="doge-data-tests-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 @functools.lru_cache(maxsize=None)
