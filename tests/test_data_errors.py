@@ -138,6 +138,15 @@ def test_truncated_damaged_and_missing_shards(small):
         open_pretrain_data(small)
 
 
+def test_no_validation_rows_gives_an_empty_val_split_and_a_hint(tmp_path, caplog):
+    src = tmp_path / "stories.txt"
+    src.write_bytes((PRETRAIN / "tinystories_val.txt").read_bytes()[:30_000])
+    out = run([src], tmp_path / "noval", val_fraction="0")
+    with caplog.at_level(logging.WARNING, logger="doge.data.loader"):
+        assert len(open_pretrain_data(out, split="val")) == 0
+    assert "no validation rows; re-run prepare.py with --val-fraction > 0" in caplog.text
+
+
 def test_tokenizer_mismatch_between_data_and_run(small, tmp_path):
     ours = tokenizer_fingerprint(tokenizer_dir())
     assert open_pretrain_data(small, tokenizer_fingerprint=ours).tokenizer_fingerprint == ours

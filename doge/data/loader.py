@@ -132,7 +132,7 @@ class PretrainData:
 
 
 class ValData:
-    """The held-out rows of every source, in stored order (finite, unshuffled)."""
+    """The held-out rows of every source, in stored order (finite, unshuffled; may be empty)."""
 
     def __init__(self, sources: list[SplitSource], info: dict):
         self.sources = sources
@@ -142,9 +142,9 @@ class ValData:
         self.tokenizer_dir = info["tokenizer_dir"]
         self.fingerprint = info["fingerprint"]
         self.starts = np.concatenate([[0], np.cumsum([s.samples for s in sources])]).astype(np.int64)
-        if self.starts[-1] == 0:
+        if self.starts[-1] == 0:  # allowed (a run may skip validation), but worth a line in the log
             names = ", ".join(str(s.datadir) for s in sources)
-            raise DataError(f"{names}: no validation rows; re-run prepare.py with --val-fraction > 0")
+            log.warning("%s: no validation rows; re-run prepare.py with --val-fraction > 0 to get some", names)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
