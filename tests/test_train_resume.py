@@ -21,7 +21,7 @@ def test_kill9_anywhere_resumes_bit_identical_on_same_wandb_run():
     reference, data = h.reference_run(), h.prepared()
     rundir = h.BASE / "killed"
     ckpts = rundir / "checkpoints"
-    cmd = h.train_cmd(2, rundir, data, "--wandb", "offline", launcher="deepspeed")
+    cmd = h.train_cmd(2, rundir, data, "--wandb", "offline", "--keep-last", "2", launcher="deepspeed")
 
     kill_at = random.randint(9, 15)  # strictly after the first checkpoint (step 8)
     job = h.start(cmd, rundir.parent / "killed-1.log")
@@ -38,6 +38,7 @@ def test_kill9_anywhere_resumes_bit_identical_on_same_wandb_run():
     done = h.run(cmd)
     assert "resumed from" in done.stdout and "step-00000008 at step 8" in done.stdout
     assert not list(ckpts.glob(".tmp-*")), "leftovers of the killed save are cleaned up"
+    assert [p.name for p in sorted(ckpts.glob("step-*"))] == ["step-00000016", "step-00000024"], "keep-last 2"
     h.assert_bit_identical(h.final_weights(reference), h.final_weights(rundir))
 
     ours, theirs = h.train_lines(rundir), h.train_lines(reference)

@@ -29,7 +29,7 @@ SEQ_LEN, GLOBAL_SAMPLES = 64, 16
 TINY = ["--recipe", "recipes/doge-tiny.yaml", "--seq-len", str(SEQ_LEN), "--micro-batch-size", "4",
         "--global-batch-tokens", str(SEQ_LEN * GLOBAL_SAMPLES), "--max-steps", "24", "--warmup-steps", "4",
         "--decay-steps", "8", "--lr", "3e-3", "--save-interval", "8", "--log-interval", "1",
-        "--eval-interval", "12", "--eval-samples", "16", "--precision", "fp32", "--wandb", "off"]
+        "--eval-interval", "12", "--eval-samples", "16", "--precision", "fp32", "--wandb", "off", "--keep-last", "0"]
 
 
 def require_shared_data() -> None:
