@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary when training one (default 32768)")
     p.add_argument("--seq-len", type=int, default=2048, help="row length (default 2048)")
     p.add_argument("--workers", type=int, default=2, help="prepare workers (default 2)")
-    p.add_argument("--repeats", type=int, default=1, help="best of N timings per contender (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="best of N interleaved rounds (default 3)")
     return p.parse_args(argv)
 
 
@@ -45,28 +45,31 @@ def cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def timed(fn, repeats: int):
-    """Best wall time and best CPU time of `repeats` runs; CPU time is the steadier number on a
-    machine shared with other jobs."""
-    wall, cpu, result = float("inf"), float("inf"), None
+def timed(contenders: dict, repeats: int) -> dict:
+    """Best wall and CPU time of each contender over `repeats` rounds. Rounds interleave the
+    contenders, so load from other jobs on a shared machine hits them alike."""
+    best = {name: [float("inf"), float("inf"), None] for name in contenders}
     for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), cpu_seconds()
-        result = fn()
-        wall, cpu = min(wall, time.perf_counter() - start), min(cpu, cpu_seconds() - start_cpu)
-    return wall, cpu, result
+        for name, fn in contenders.items():
+            start, start_cpu = time.perf_counter(), cpu_seconds()
+            tokens = fn()
+            wall, cpu = time.perf_counter() - start, cpu_seconds() - start_cpu
+            best[name] = [min(best[name][0], wall), min(best[name][1], cpu), tokens]
+    return best
 
 
-def ceiling(tokenizer_dir: Path) -> tuple[int, float]:
-    """Tokens/s of the bare Rust tokenizer over prepare's own documents (reading not timed)."""
+def ceiling(tokenizer_dir: Path) -> tuple[int, float, float]:
+    """Tokens, wall and CPU seconds of the bare Rust tokenizer (all threads) over prepare's own
+    documents; reading them is not timed."""
     from tokenizers import Tokenizer
 
     from doge.data.sources import ReadOptions, iter_documents
 
     docs = list(iter_documents([str(PRETRAIN)], ReadOptions()))
     backend = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), cpu_seconds()
     tokens = sum(len(e.ids) for e in backend.encode_batch_fast(docs))
-    return tokens, time.perf_counter() - start
+    return tokens, time.perf_counter() - start, cpu_seconds() - start_cpu
 
 
 def baseline(tokenizer_dir: Path, seq_len: int, num_proc: int, work: Path) -> int:
@@ -146,16 +149,17 @@ def main(argv=None) -> int:
 
         vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
         results = {"cpus": os.cpu_count(), "seq_len": args.seq_len, "vocab": vocab}
-        tokens, seconds = ceiling(tokenizer_dir)
-        results["ceiling_tokens_per_s"] = tokens / seconds
-        for num_proc in (1, 2):
-            wall, cpu, tokens = timed(lambda: baseline(tokenizer_dir, args.seq_len, num_proc, work), args.repeats)
-            results[f"baseline_num_proc{num_proc}_tokens_per_s"] = tokens / wall
-            results[f"baseline_num_proc{num_proc}_tokens_per_cpu_s"] = tokens / cpu
-        wall, cpu, tokens = timed(lambda: ours(tokenizer_dir, args.seq_len, args.workers, work), args.repeats)
-        results[f"prepare_workers{args.workers}_tokens_per_s"] = tokens / wall
-        results[f"prepare_workers{args.workers}_tokens_per_cpu_s"] = tokens / cpu
-        results["tokens"] = tokens
+        tokens, wall, cpu = ceiling(tokenizer_dir)
+        results["ceiling_tokens_per_s"], results["ceiling_tokens_per_cpu_s"] = tokens / wall, tokens / cpu
+        contenders = {
+            "baseline_num_proc1": lambda: baseline(tokenizer_dir, args.seq_len, 1, work),
+            "baseline_num_proc2": lambda: baseline(tokenizer_dir, args.seq_len, 2, work),
+            f"prepare_workers{args.workers}": lambda: ours(tokenizer_dir, args.seq_len, args.workers, work),
+        }
+        for name, (wall, cpu, tokens) in timed(contenders, args.repeats).items():
+            results[f"{name}_tokens_per_s"] = tokens / wall
+            results[f"{name}_tokens_per_cpu_s"] = tokens / cpu
+            results[f"{name}_tokens"] = tokens
         results["load_average"] = os.getloadavg()[0]
         results["loader_samples_per_s"] = loader_rate(ours.last)
     best_baseline = max(results["baseline_num_proc1_tokens_per_s"], results["baseline_num_proc2_tokens_per_s"])

@@ -38,8 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--val-rows", type=int, default=10000, help="at most this many validation rows (default 10000)")
     p.add_argument("--shard-rows", type=int, default=0,
                    help="rows per train shard (default: about 134M tokens, i.e. 65536 rows at seq_len 2048)")
-    p.add_argument("--chunk-mb", type=float, default=32,
-                   help="input MB per work unit (default 32); part of the output layout, so keep it when resuming")
+    p.add_argument("--chunk-mb", type=float, default=0,
+                   help="input MB per work unit (default 0: 1/256 of the input, within 0.25-32 MB); does not change "
+                        "the output, but a resumed run must use the same value")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DATADIR once the new one is complete")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     cfg = PrepareConfig(
         inputs=args.input, tokenizer=args.tokenizer, output=args.output, seq_len=args.seq_len,
         workers=args.workers, val_fraction=args.val_fraction, val_rows=args.val_rows, shard_rows=args.shard_rows,
-        chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
+        chunk_bytes=int(args.chunk_mb * 2**20),
         read=ReadOptions(text_field=args.text_field, txt_split=args.txt_split, chat_fields=chat),
         overwrite=args.overwrite, command=["python"] + sys.argv,
     )

@@ -23,7 +23,7 @@ import numpy as np
 from doge.data import shards
 from doge.data.atomic import write_json_atomic
 from doge.data.errors import DataError
-from doge.data.sources import STAT_KEYS, ReadOptions, Stats, plan_chunks, read_chunk
+from doge.data.sources import STAT_KEYS, ReadOptions, Stats, plan_chunks, read_chunk, resolve_files
 from doge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class PrepareConfig:
     val_fraction: str = "0.001"
     val_rows: int = 10000
     shard_rows: int = 0  # 0: about 2**27 tokens per shard
-    chunk_bytes: int = 32 << 20
+    chunk_bytes: int = 0  # 0: auto_chunk_bytes(inputs)
     read: ReadOptions = field(default_factory=ReadOptions)
     overwrite: bool = False
     command: list = field(default_factory=list)
@@ -57,12 +57,12 @@ def prepare(cfg: PrepareConfig, progress_bar: bool = True) -> Path:
     """Run (or resume) a prepare; return the finished DATADIR."""
     out = Path(cfg.output)
     work = out.with_name(out.name + ".partial")
-    if cfg.workers < 1:
-        raise DataError(f"--workers {cfg.workers}: must be at least 1")
+    if cfg.workers < 1 or cfg.chunk_bytes < 0:
+        raise DataError(f"--workers {cfg.workers} / --chunk-mb: need at least 1 worker and a chunk size >= 0")
     if out.exists() and not cfg.overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it or choose another --output")
     tok = load_tokenizer(cfg.tokenizer)
-    chunks, described = plan_chunks(cfg.inputs, cfg.read, cfg.chunk_bytes)
+    chunks, described = plan_chunks(cfg.inputs, cfg.read, cfg.chunk_bytes or auto_chunk_bytes(cfg.inputs))
     layout = _layout(cfg, tok, chunks, described)
     state = _open_work(work, layout, tok)
     try:
@@ -72,6 +72,14 @@ def prepare(cfg: PrepareConfig, progress_bar: bool = True) -> Path:
         raise
     _finish(cfg, work, out, layout, described, state)
     return out
+
+
+def auto_chunk_bytes(inputs: list) -> int:
+    """About 1/256 of the local input, between 256 KB and 32 MB: enough chunks to keep every
+    worker busy on small corpora, few enough that planning stays cheap on huge ones. Chunking
+    never changes the output bytes (chunks end on document boundaries), only the work split."""
+    total = sum(f.stat().st_size for spec in inputs if not spec.startswith("hf:") for f in resolve_files(spec))
+    return min(32 << 20, max(256 << 10, total // 256))
 
 
 def _layout(cfg: PrepareConfig, tok, chunks, described) -> dict:
@@ -321,7 +329,7 @@ def _finish(cfg: PrepareConfig, work: Path, out: Path, layout: dict, described, 
         "val_rows": layout["val_rows"],
         "pad_tokens": state.get("pad_tokens", 0),
         "sources": sources,
-        "options": {"read": layout["read"], "shard_rows": layout["shard_rows"], "chunk_bytes": cfg.chunk_bytes},
+        "options": {"read": layout["read"], "shard_rows": layout["shard_rows"], "chunks": len(layout["chunks"])},
         "command": list(cfg.command),
     }
     for source in sources:
