@@ -94,8 +94,19 @@ def reference_documents(path: Path) -> list[str]:
     return docs + ["\n".join(current)] if current else docs
 
 
+@functools.lru_cache(maxsize=None)
+def reference_tokens() -> tuple:
+    """(documents, AutoTokenizer ids per document) for all four corpora, in prepare's order."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
+    docs = [d for name in sorted(TEXT_CORPORA + [CODE_CORPUS]) for d in reference_documents(PRETRAIN / name)]
+    return docs, tok(docs)["input_ids"]
+
+
+@functools.lru_cache(maxsize=None)
 def shard_rows(datadir: Path, split: str):
-    """All rows of a split, in order, read with datasets.Dataset.from_file."""
+    """All rows of a split, in order, read with datasets.Dataset.from_file (cached: do not modify)."""
     import datasets
     import numpy as np
 

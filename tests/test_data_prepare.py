@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 from conftest_data import (CODE_CORPUS, PRETRAIN, SEQ_LEN, TEXT_CORPORA, needs_corpora, prepare_config, prepared_all,
-                           read_manifest, reference_documents, scratch, shard_rows, tokenizer_dir)
+                           read_manifest, reference_documents, reference_tokens, scratch, shard_rows,
+                           tokenizer_dir)
 
 from doge.data import shards
 from doge.data.prepare import prepare
@@ -57,11 +58,9 @@ def test_shards_open_with_datasets_and_manifest_counts_match():
 
 def test_every_token_of_every_document_present_once_in_order():
     """Reference: AutoTokenizer on independently split documents, EOS appended, concatenated."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
-    docs = [d for name in sorted(TEXT_CORPORA + [CODE_CORPUS]) for d in reference_documents(PRETRAIN / name)]
-    expected = np.fromiter((t for ids in tok(docs)["input_ids"] for t in ids + [tok.eos_token_id]), dtype=np.int64)
+    eos = read_manifest(prepared_all())["tokenizer"]["eos_id"]
+    _, ids = reference_tokens()
+    expected = np.fromiter((t for doc in ids for t in doc + [eos]), dtype=np.int64)
     datadir = prepared_all()
     manifest = read_manifest(datadir)
     got = stream(datadir)

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest_data import CODE_CORPUS, PRETRAIN, TEXT_CORPORA, VOCAB, needs_corpora, reference_documents, tokenizer_dir
+from conftest_data import CODE_CORPUS, PRETRAIN, VOCAB, needs_corpora, reference_tokens, tokenizer_dir
 
 from doge.data import tokenizer_fingerprint
 from doge.data.tokenizer import train_tokenizer
@@ -33,14 +33,12 @@ def test_autotokenizer_loads_a_fast_tokenizer_with_special_tokens_and_chat_templ
 
 def test_round_trip_on_every_document_of_the_real_corpora():
     tok = load(tokenizer_dir())
-    docs = [d for name in TEXT_CORPORA + [CODE_CORPUS] for d in reference_documents(PRETRAIN / name)]
-    with_metaspace = [d for d in docs if "\u2581" in d]  # the one character shown as a space
-    docs = [d for d in docs if "\u2581" not in d]
-    assert len(docs) > 12000 and len(with_metaspace) < 5
-    ids = tok(docs, add_special_tokens=False)["input_ids"]
-    decoded = tok.batch_decode(ids, skip_special_tokens=False)
-    mismatched = [i for i, (a, b) in enumerate(zip(docs, decoded)) if a != b]
-    assert mismatched == []
+    docs, ids = reference_tokens()  # tok(docs) on all four corpora
+    assert tok("a")["input_ids"] == tok("a", add_special_tokens=False)["input_ids"]  # adds no BOS/EOS itself
+    keep = [i for i, d in enumerate(docs) if "\u2581" not in d]  # U+2581 is the one character shown as a space
+    assert len(keep) > 12000 and len(docs) - len(keep) < 5
+    decoded = tok.batch_decode([ids[i] for i in keep], skip_special_tokens=False)
+    assert [i for i, text in zip(keep, decoded) if text != docs[i]] == []
     assert tok.unk_token_id not in {t for doc in ids for t in doc}
 
 
