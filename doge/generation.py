@@ -19,7 +19,7 @@ from doge.rope import apply_rotary
 class _Layer:
     """Fused weights and cache buffers of one decoder layer."""
 
-    def __init__(self, layer, batch: int, capacity: int, dtype):
+    def __init__(self, layer, batch: int, capacity: int, dtype, device):
         attn, mlp = layer.self_attn, layer.mlp
         self.layer, self.attn = layer, attn
         self.qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(dtype)
@@ -27,9 +27,9 @@ class _Layer:
         self.gate_up = None if hasattr(mlp, "router_gate") else \
             torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype)
         kv_heads = attn.k_proj.out_features // attn.head_dim
-        self.keys = torch.zeros(batch, kv_heads, capacity, attn.head_dim, dtype=dtype)
+        self.keys = torch.zeros(batch, kv_heads, capacity, attn.head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
-        self.bias = torch.zeros(batch, kv_heads, capacity, dtype=dtype)
+        self.bias = torch.zeros(batch, kv_heads, capacity, dtype=dtype, device=device)
         if any(p is not None for p in (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)):
             raise NotImplementedError("Decoder supports attention_bias=False (every Doge preset)")
 
@@ -48,11 +48,12 @@ class Decoder:
         """Prompt followed by up to `max_new_tokens` tokens (stops early once every row hit EOS)."""
         batch, prompt_len = input_ids.shape
         capacity = prompt_len + max_new_tokens
-        layers = [_Layer(layer, batch, capacity, self.dtype) for layer in self.model.model.layers]
-        out = torch.empty(batch, capacity, dtype=torch.long)
+        device = input_ids.device
+        layers = [_Layer(layer, batch, capacity, self.dtype, device) for layer in self.model.model.layers]
+        out = torch.empty(batch, capacity, dtype=torch.long, device=device)
         out[:, :prompt_len] = input_ids
         logits = self._step(layers, input_ids, 0)
-        done = torch.zeros(batch, dtype=torch.bool)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
         for pos in range(prompt_len, capacity):
             token = self._pick(logits, temperature, generator)
             if eos_token_id is not None:
@@ -75,7 +76,7 @@ class Decoder:
         """Run `ids` (B, n) at positions start..start+n-1; return the last position's logits."""
         model = self.model.model
         h = model.embed_tokens(ids)
-        positions = torch.arange(start, start + ids.shape[1])[None]
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
         cos, sin = model.rotary_emb(positions, h.dtype)
         stop = start + ids.shape[1]
         for state in layers:

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from doge.cdmoe import DogeCDMoE, DogeMLP, load_balancing_loss
 from doge.configuration import DogeConfig
 from doge.dma import dma_attention, dynamic_bias
+from doge.loss import fused_causal_lm_loss
 from doge.rope import DogeRotaryEmbedding, apply_rotary, head_dim_of
 
 
@@ -146,8 +147,18 @@ class DogeModel(DogePreTrainedModel):
             h, logits = layer(h, rotary, cache, key_mask)
             if logits is not None:
                 router_logits.append(logits)
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache,
-                                      router_logits=tuple(router_logits) or None)
+        # Positional: the cache field is `cache` in transformers >= 5.2x, `past_key_values` before.
+        return MoeModelOutputWithPast(self.norm(h), cache, None, None, tuple(router_logits) or None)
+
+
+class DogeLMHead(nn.Linear):
+    """The output projection; called with labels it returns the fused chunked loss instead of
+    logits (see doge/loss.py). Being a module call, ZeRO-3 gathers its weight as usual."""
+
+    def forward(self, hidden, labels=None, num_items_in_batch=None):
+        if labels is None:
+            return super().forward(hidden)
+        return fused_causal_lm_loss(hidden, self.weight, labels, num_items_in_batch)
 
 
 class DogeForCausalLM(DogePreTrainedModel, GenerationMixin):
@@ -157,22 +168,30 @@ class DogeForCausalLM(DogePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = DogeModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = DogeLMHead(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-                output_router_logits=None, past_key_values=None, **kwargs) -> MoeCausalLMOutputWithPast:
-        """Logits, and with `labels` the shifted next-token loss (+ router aux loss when asked)."""
+                output_router_logits=None, past_key_values=None, skip_logits=False,
+                **kwargs) -> MoeCausalLMOutputWithPast:
+        """Logits, and with `labels` the shifted next-token loss (+ router aux loss when asked).
+
+        `skip_logits=True` (training) computes the loss fused with the LM head, chunk by chunk,
+        and returns no logits: much less memory traffic than materialising (B, L, vocab).
+        """
         outputs = self.model(input_ids, attention_mask, position_ids, cache or past_key_values,
                              inputs_embeds, use_cache)
         h = outputs.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else h[:, logits_to_keep]
-        logits = self.lm_head(h)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        logits = loss = None
+        if skip_logits and labels is not None:
+            loss = self.lm_head(h, labels, kwargs.get("num_items_in_batch"))
+        else:
+            logits = self.lm_head(h)
+            if labels is not None:
+                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         aux_loss = None
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -182,5 +201,5 @@ class DogeForCausalLM(DogePreTrainedModel, GenerationMixin):
                                            self.config.num_experts_per_tok, mask)
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache,
-                                         router_logits=outputs.router_logits)
+        cache = next((v for k, v in outputs.items() if k in ("cache", "past_key_values")), None)
+        return MoeCausalLMOutputWithPast(loss, aux_loss, logits, cache, None, None, outputs.router_logits)

@@ -1,0 +1,150 @@
+"""One-shot GPU check of the model (run on a lent CUDA machine; CI never runs it).
+
+What only a GPU shows: parity with stock on CUDA (fp32 and bf16), which SDPA kernel our folded
+DMA fast path gets, training tokens/s and MFU (bf16 autocast) ours vs stock, the 8k sparse-path
+peak memory, and decode tokens/s. Prints a table; `--json OUT` also writes the results.
+
+    python benchmarks/gpu_check.py --json $OUT/gpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_speed import build_pair  # noqa: E402
+
+from doge.generation import Decoder  # noqa: E402
+
+PEAK_BF16_FLOPS = 790e12  # measured 8192^3 bf16 matmul on the lent H100/H200 (notes/gpu-device.md)
+
+
+def flops_per_token(config, seq_len: int) -> float:
+    """6 * params (LM head included, embedding lookup excluded) + causal attention 6 * L * h * s."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * h // config.num_attention_heads
+    per_layer = h * (2 * h + 2 * kv) + 3 * h * config.intermediate_size
+    return 6 * (layers * per_layer + h * config.vocab_size) + 6 * layers * h * seq_len
+
+
+def parity(dev):
+    ours, stock = build_pair("doge-tiny", seed=3, vocab_size=4096)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    stock.load_state_dict(ours.state_dict())
+    ours, stock = ours.to(dev).eval(), stock.to(dev).eval()
+    x = torch.stack([torch.randperm(4096, device=dev)[:512] for _ in range(2)])
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out[f"max |logit diff| {str(dtype)[6:]}"] = (ours(x).logits.float() - stock(x).logits.float()).abs().max().item()
+    return out
+
+
+def sdpa_kernels(dev):
+    ours, _ = build_pair("doge-20m")
+    ours = ours.to(dev).train()
+    x = torch.randint(0, 32768, (2, 2048), device=dev)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ours(x, labels=x, skip_logits=True).loss.backward()
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages() if any(k in e.key.lower() for k in ("flash", "fmha", "attention", "efficient"))}
+    return sorted(names)[:6]
+
+
+def train_speed(model, dev, batch, seq_len, steps, fused):
+    model = model.to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    x = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=dev)
+    extra = {"skip_logits": True} if fused else {}
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x, **extra).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    tps = steps * batch * seq_len / (time.perf_counter() - start)
+    mem = torch.cuda.max_memory_allocated() / 2**30
+    model.cpu()
+    return tps, mem
+
+
+def memory_8k(model, dev):
+    model = model.to(dev).eval()
+    x = torch.randint(0, model.config.vocab_size, (1, 8192), device=dev)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x)
+    torch.cuda.synchronize()
+    model.cpu()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def decode_speed(ours, stock, dev):
+    ours, stock = ours.to(dev).eval(), stock.to(dev).eval()
+    prompt = torch.randint(0, 32768, (1, 32), device=dev)
+    res = {}
+    for name, fn in (("ours Decoder", lambda n: Decoder(ours).generate(prompt, n)),
+                     ("stock generate", lambda n: stock.generate(prompt, max_new_tokens=n, min_new_tokens=n,
+                                                                  do_sample=False, pad_token_id=0))):
+        with torch.no_grad():
+            fn(8)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn(128)
+            torch.cuda.synchronize()
+        res[name] = 128 / (time.perf_counter() - t)
+    ours.cpu(), stock.cpu()
+    return res
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write results here")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps")
+    args = parser.parse_args()
+    dev = torch.device("cuda")
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "transformers": transformers.__version__}
+    results["parity"] = parity(dev)
+    results["sdpa_kernels"] = sdpa_kernels(dev)
+    print(results, flush=True)
+    for preset, batch in (("doge-20m", 16), ("doge-160m", 8)):
+        ours, stock = build_pair(preset)
+        row = {}
+        for name, model, fused in (("ours", ours, True), ("stock", stock, False)):
+            tps, mem = train_speed(model, dev, batch, 2048, args.steps, fused)
+            mfu = tps * flops_per_token(model.config, 2048) / PEAK_BF16_FLOPS
+            row[name] = dict(tokens_per_s=tps, mfu=mfu, peak_gib=mem)
+        results[f"train {preset} bf16 b{batch}x2048"] = row
+        print(preset, row, flush=True)
+    ours, stock = build_pair("doge-20m", keep_window_size=2048)
+    results["forward 8192 tok window 2048 extra MiB"] = {"ours": memory_8k(ours, dev), "stock": memory_8k(stock, dev)}
+    results["decode tok/s doge-20m"] = decode_speed(ours, stock, dev)
+    print(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Ours vs stock `transformers.DogeForCausalLM`: same config (doge-20m), same weights, one run.
+
+Measures training tokens/s at seq 2048 (forward + backward + AdamW; float32 and bf16 autocast),
+greedy generation tokens/s (prompt 32, 128 new tokens, batch 1) and the peak memory of one
+forward at 8192 tokens with keep_window_size 2048 (each in a fresh subprocess, peak RSS above the
+loaded model). Prints a table with ratios ours/stock.
+
+    python benchmarks/model_speed.py [--steps 3] [--preset doge-20m] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+import transformers
+
+from doge import DogeConfig, DogeForCausalLM
+from doge.generation import Decoder
+
+
+def build_pair(preset: str, seed: int = 0, **overrides):
+    """Our model and the stock one with identical weights."""
+    torch.manual_seed(seed)
+    ours = DogeForCausalLM(DogeConfig.from_preset(preset, **overrides))
+    stock = transformers.DogeForCausalLM(transformers.DogeConfig(**ours.config.to_dict()))
+    stock.load_state_dict(ours.state_dict())
+    return ours, stock
+
+
+def train_tokens_per_s(model, seq_len: int, steps: int, bf16: bool, fused: bool) -> float:
+    """Tokens/s of full optimizer steps on one row of seq_len tokens (one warm-up step)."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    x = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(1))
+    extra = {"skip_logits": True} if fused else {}
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=x, labels=x, **extra).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * seq_len / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def generate_tokens_per_s(generate, prompt, new_tokens: int) -> float:
+    generate(prompt, 8)
+    start = time.perf_counter()
+    out = generate(prompt, new_tokens)
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    return new_tokens / (time.perf_counter() - start)
+
+
+MEMORY_PROBE = """
+import json, resource, sys, time, torch
+sys.path.insert(0, {bench_dir!r})
+from model_speed import build_pair
+ours, stock = build_pair({preset!r}, keep_window_size={window})
+model = (ours if {which!r} == "ours" else stock).eval()
+del ours, stock
+x = torch.randint(0, model.config.vocab_size, (1, {length}))
+before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+start = time.perf_counter()
+with torch.no_grad():
+    model(x)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({{"extra_mb": (peak - before) / 2**20, "seconds": time.perf_counter() - start}}))
+"""
+
+
+def forward_memory(which: str, preset: str, length: int, window: int) -> dict:
+    """Peak RSS of one no-grad forward above the loaded model, in a fresh process."""
+    from pathlib import Path
+    code = MEMORY_PROBE.format(bench_dir=str(Path(__file__).parent), preset=preset, window=window,
+                               which=which, length=length)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="doge-20m", help="model preset (default doge-20m)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="training sequence length")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per measurement")
+    parser.add_argument("--new-tokens", type=int, default=128, help="generated tokens (prompt 32)")
+    parser.add_argument("--memory-len", type=int, default=8192, help="tokens of the memory probe forward")
+    parser.add_argument("--json", help="also write the results as JSON to this file")
+    args = parser.parse_args(argv)
+
+    ours, stock = build_pair(args.preset)
+    rows = []
+    for bf16 in (False, True):
+        name = f"train tok/s seq {args.seq_len} {'bf16 autocast' if bf16 else 'fp32'}"
+        s = train_tokens_per_s(stock, args.seq_len, args.steps, bf16, fused=False)
+        o = train_tokens_per_s(ours, args.seq_len, args.steps, bf16, fused=True)
+        rows.append((name, o, s, o / s))
+    ours, stock = build_pair(args.preset)
+    prompt = torch.randint(0, ours.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(2))
+    hf = dict(do_sample=False, pad_token_id=0)
+    s = generate_tokens_per_s(lambda p, n: stock.eval().generate(p, max_new_tokens=n, min_new_tokens=n, **hf),
+                              prompt, args.new_tokens)
+    o = generate_tokens_per_s(Decoder(ours).generate, prompt, args.new_tokens)
+    g = generate_tokens_per_s(lambda p, n: ours.eval().generate(p, max_new_tokens=n, min_new_tokens=n, **hf),
+                              prompt, args.new_tokens)
+    rows.append(("greedy decode tok/s (Decoder)", o, s, o / s))
+    rows.append(("greedy decode tok/s (HF generate)", g, s, g / s))
+    mem = {w: forward_memory(w, args.preset, args.memory_len, 2048) for w in ("ours", "stock")}
+    rows.append((f"forward {args.memory_len} tok, window 2048: peak MB", mem["ours"]["extra_mb"],
+                 mem["stock"]["extra_mb"], mem["ours"]["extra_mb"] / mem["stock"]["extra_mb"]))
+    rows.append((f"forward {args.memory_len} tok, window 2048: seconds", mem["ours"]["seconds"],
+                 mem["stock"]["seconds"], mem["ours"]["seconds"] / mem["stock"]["seconds"]))
+
+    print(f"\n{args.preset}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"| {'measure':<46} | {'ours':>10} | {'stock':>10} | {'ours/stock':>10} |")
+    print(f"|{'-' * 48}|{'-' * 12}|{'-' * 12}|{'-' * 12}|")
+    for name, o, s, r in rows:
+        print(f"| {name:<46} | {o:>10.1f} | {s:>10.1f} | {r:>10.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dict(measure=n, ours=o, stock=s, ratio=r) for n, o, s, r in rows], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
