@@ -1,0 +1,84 @@
+"""The one-command demo: corpus -> tokenizer -> shards -> DeepSpeed ZeRO-2 pre-training of the tiny
+preset on 2 CPU processes -> HF export -> a generated sample. No network needed.
+
+    python -m doge.demo [--workdir runs/demo] [--FIELD VALUE]...   # extra flags go to doge/train.py
+
+The corpus is ../shared/data/pretrain when present, else text that ships with Python itself
+(the stdlib's documentation topics and source). Rerunning resumes or reuses what is finished.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_PRETRAIN = REPO.parent / "shared" / "data" / "pretrain"
+PROMPT = "The king said"
+
+
+def build_corpus(out: Path) -> list[str]:
+    """Text inputs for the tokenizer and shards: the shared corpus, or Python's own docs and source."""
+    if SHARED_PRETRAIN.is_dir():
+        return [str(p) for p in sorted(SHARED_PRETRAIN.glob("*.txt"))]
+    import pydoc_data.topics
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "python_doc_topics.txt").write_text("\n\n".join(pydoc_data.topics.topics.values()))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    (out / "python_stdlib_source.txt").write_text(
+        "\n\n".join(p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))))
+    return [str(out / "python_doc_topics.txt"), str(out / "python_stdlib_source.txt")]
+
+
+def step(title: str, cmd: list[str], env: dict) -> None:
+    print(f"\n=== {title}\n$ {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+
+
+def sample(final: Path) -> str:
+    """Greedy continuation of PROMPT by the exported model, through stock transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=48, do_sample=False, repetition_penalty=1.3,
+                         pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0], skip_special_tokens=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=str(REPO / "runs" / "demo"), help="where everything is written")
+    parser.add_argument("--ranks", type=int, default=2, help="DeepSpeed processes (default 2)")
+    args, train_flags = parser.parse_known_args(argv)
+    work, started = Path(args.workdir).resolve(), time.time()
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+               WANDB_MODE=os.environ.get("WANDB_MODE", "offline"), PYTHONPATH=str(REPO))
+    inputs = build_corpus(work / "corpus")
+    if not (work / "tokenizer").is_dir():
+        step("train a tokenizer", [sys.executable, "data_tools/train_tokenizer.py", "--input", *inputs,
+                                   "--vocab-size", "4096", "--output", str(work / "tokenizer")], env)
+    if not (work / "data").is_dir():
+        step("tokenize, pack and shard", [sys.executable, "data_tools/prepare.py", "--input", *inputs,
+                                          "--tokenizer", str(work / "tokenizer"), "--seq-len", "128",
+                                          "--val-fraction", "0.01", "--val-rows", "256",
+                                          "--output", str(work / "data")], env)
+    step("pre-train doge-tiny with DeepSpeed ZeRO-2",
+         ["deepspeed", "--num_gpus", str(args.ranks), "doge/train.py", "--deepspeed", "ds_configs/zero2.json",
+          "--recipe", "recipes/doge-tiny.yaml", "--data", str(work / "data"), "--output", str(work / "run"),
+          *train_flags], env)
+    print(f"\n=== sample from {work / 'run' / 'final'}\n{sample(work / 'run' / 'final')}")
+    print(f"\ndemo finished in {time.time() - started:.0f} s; loss curve: {work / 'run' / 'loss.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
