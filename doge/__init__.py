@@ -1,5 +1,25 @@
-"""doge: DeepSpeed pre-training pipeline for the Doge small language models."""
-from doge.configuration import MOE_RECIPES, PRESETS, DogeConfig
-from doge.modeling import DogeForCausalLM, DogeModel, DogePreTrainedModel
+"""doge: DeepSpeed pre-training pipeline for the Doge small language models.
 
-__all__ = ["DogeConfig", "DogeForCausalLM", "DogeModel", "DogePreTrainedModel", "PRESETS", "MOE_RECIPES"]
+The model classes are imported on first use, so `doge.data` and the data CLIs start without
+loading torch's model stack and `transformers`' modeling code.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "DogeConfig": "doge.configuration",
+    "PRESETS": "doge.configuration",
+    "MOE_RECIPES": "doge.configuration",
+    "DogeForCausalLM": "doge.modeling",
+    "DogeModel": "doge.modeling",
+    "DogePreTrainedModel": "doge.modeling",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'doge' has no attribute {name!r}")
