@@ -21,10 +21,10 @@ SHARED_PRETRAIN = REPO.parent / "shared" / "data" / "pretrain"
 PROMPT = "The king said"
 
 
-def build_corpus(out: Path) -> list[str]:
+def build_corpus(out: Path, shared: Path = SHARED_PRETRAIN) -> list[str]:
     """Text inputs for the tokenizer and shards: the shared corpus, or Python's own docs and source."""
-    if SHARED_PRETRAIN.is_dir():
-        return [str(p) for p in sorted(SHARED_PRETRAIN.glob("*.txt"))]
+    if shared.is_dir():
+        return [str(p) for p in sorted(shared.glob("*.txt"))]
     import pydoc_data.topics
 
     out.mkdir(parents=True, exist_ok=True)

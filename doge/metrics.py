@@ -65,7 +65,8 @@ class Reporter:
         self.max_steps, self.flops_per_token, self.peak_flops = max_steps, flops_per_token, peak_flops
         self.wandb_run = wandb_run
         self._truncate(start_step)
-        self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=None)  # a bar on terminals only; logs get the console lines
         self._last = (time.perf_counter(), start_step)
 
     def _truncate(self, step: int) -> None:
