@@ -190,10 +190,10 @@ def evaluate(engine, val, n_samples: int, micro: int, seq_len: int, rank: int, w
     """Mean loss over the first `n_samples` held-out samples, sharded evenly over ranks."""
     engine.eval()
     per_rank = n_samples // world
-    total = torch.zeros(1)
+    total = torch.zeros(1, device=engine.device)  # nccl reduces device tensors only
     for start in range(rank * per_rank, (rank + 1) * per_rank, micro):
         ids = torch.stack([torch.as_tensor(val[i][:seq_len]) for i in range(start, start + micro)]).to(engine.device)
-        total += engine(input_ids=ids, labels=ids).loss.float().cpu() * micro
+        total += engine(input_ids=ids, labels=ids).loss.float() * micro
     engine.train()
     dist.all_reduce(total)
     return total.item() / (per_rank * world)
