@@ -42,9 +42,12 @@ def parity(dev):
     ours, stock = ours.to(dev).eval(), stock.to(dev).eval()
     x = torch.stack([torch.randperm(4096, device=dev)[:512] for _ in range(2)])
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            out[f"max |logit diff| {str(dtype)[6:]}"] = (ours(x).logits.float() - stock(x).logits.float()).abs().max().item()
+    for attn in ("eager", "sdpa"):
+        stock.config._attn_implementation = attn
+        for dtype in (torch.float32, torch.bfloat16):
+            with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                diff = (ours(x).logits.float() - stock(x).logits.float()).abs().max().item()
+            out[f"max |logit diff| vs stock {attn} {str(dtype)[6:]}"] = diff
     return out
 
 

@@ -72,17 +72,21 @@ x = torch.randint(0, model.config.vocab_size, (1, {length}))
 before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 start = time.perf_counter()
 with torch.no_grad():
-    model(x)
+    model(x, logits_to_keep={keep})
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({{"extra_mb": (peak - before) / 2**20, "seconds": time.perf_counter() - start}}))
 """
 
 
-def forward_memory(which: str, preset: str, length: int, window: int) -> dict:
-    """Peak RSS of one no-grad forward above the loaded model, in a fresh process."""
+def forward_memory(which: str, preset: str, length: int, window: int, keep: int) -> dict:
+    """Peak RSS of one no-grad forward above the loaded model, in a fresh process.
+
+    keep=0 returns logits for every position (length x vocab floats: 1 GiB at 8192 tokens, the
+    same for both models); keep=1 only the last position's, as a prefill does, so the attention
+    and mask memory shows."""
     from pathlib import Path
     code = MEMORY_PROBE.format(bench_dir=str(Path(__file__).parent), preset=preset, window=window,
-                               which=which, length=length)
+                               which=which, length=length, keep=keep)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -114,11 +118,13 @@ def main(argv=None) -> None:
                               prompt, args.new_tokens)
     rows.append(("greedy decode tok/s (Decoder)", o, s, o / s))
     rows.append(("greedy decode tok/s (HF generate)", g, s, g / s))
-    mem = {w: forward_memory(w, args.preset, args.memory_len, 2048) for w in ("ours", "stock")}
-    rows.append((f"forward {args.memory_len} tok, window 2048: peak MB", mem["ours"]["extra_mb"],
-                 mem["stock"]["extra_mb"], mem["ours"]["extra_mb"] / mem["stock"]["extra_mb"]))
-    rows.append((f"forward {args.memory_len} tok, window 2048: seconds", mem["ours"]["seconds"],
-                 mem["stock"]["seconds"], mem["ours"]["seconds"] / mem["stock"]["seconds"]))
+    for keep, what in ((1, "last logits"), (0, "all logits")):
+        mem = {w: forward_memory(w, args.preset, args.memory_len, 2048, keep) for w in ("ours", "stock")}
+        label = f"fwd {args.memory_len} tok, window 2048, {what}:"
+        rows.append((f"{label} peak MB", mem["ours"]["extra_mb"], mem["stock"]["extra_mb"],
+                     mem["ours"]["extra_mb"] / mem["stock"]["extra_mb"]))
+        rows.append((f"{label} s", mem["ours"]["seconds"], mem["stock"]["seconds"],
+                     mem["ours"]["seconds"] / mem["stock"]["seconds"]))
 
     print(f"\n{args.preset}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"| {'measure':<46} | {'ours':>10} | {'stock':>10} | {'ours/stock':>10} |")

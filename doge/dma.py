@@ -15,9 +15,9 @@ extra q/k dimension, q' = [q, 1/scaling], k' = [k, bias], so q'.k' * scaling = q
 and SDPA's fused causal kernel runs; the bias still gets its gradient through k'. q/k/v are padded
 to a multiple of 8 so the fused CPU kernel accepts them.
 
-Sparse path (more visible keys than the window): queries are processed in chunks; each chunk
-builds a boolean (chunk x keys) mask of the keys it keeps, so peak memory is O(L * chunk) per head
-with chunk <= max(keep_window, 256), never O(L^2).
+Sparse path (more visible keys than the window): queries are processed in chunks of
+QUERY_CHUNK; each chunk builds a boolean (chunk x keys) mask of the keys it keeps, so peak memory
+is O(L * QUERY_CHUNK) per head, linear in L, never O(L^2).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_CHUNK = 256
+QUERY_CHUNK = 512
 
 
 def dynamic_bias(value_states: torch.Tensor, dt_proj: nn.Linear, A: torch.Tensor) -> torch.Tensor:
@@ -105,10 +105,9 @@ def _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask):
     q_len, k_len = qf.shape[2], kf.shape[2]
     groups = qf.shape[1] // kf.shape[1]
     ranks = key_ranks(bias.detach())
-    chunk = max(keep_window, MIN_CHUNK)
     outs = []
-    for start in range(0, q_len, chunk):
-        stop = min(start + chunk, q_len)
+    for start in range(0, q_len, QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, q_len)
         last = k_len - q_len + stop  # keys beyond this are invisible to the whole chunk
         visible = visible_keys(stop - start, last, key_mask, qf.device)
         keep = kept_keys(ranks[..., :last], visible, keep_window)
