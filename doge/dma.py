@@ -75,8 +75,12 @@ def kept_keys(ranks: torch.Tensor, visible: torch.Tensor, keep_window: int) -> t
 
 
 def _sdpa(q, k, v, scaling, **kwargs):
+    """SDPA with K/V repeated to the query heads. (SDPA's own enable_gqa has a CPU backward that
+    was 3-5x slower with 2 threads than with 1 here; the copy costs B*H*L*D floats.)"""
     groups = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=groups > 1, **kwargs)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, scale=scaling, **kwargs)
 
 
 def dma_attention(q, k, v, bias, *, scaling: float, keep_window: int,
