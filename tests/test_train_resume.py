@@ -51,6 +51,7 @@ def test_kill9_anywhere_resumes_bit_identical_on_same_wandb_run():
     state = json.loads((find_latest(ckpts) / "trainer_state.json").read_text())
     assert wandb_run_ids(rundir) == {state["wandb_run_id"]}, "every restart logs to the same W&B run"
     assert len(list((rundir / "wandb").glob("offline-run-*"))) == 3
+    # kill -9 also takes W&B's writer process, so only the finished attempt's history is certain.
     logged = b"".join(p.read_bytes() for p in (rundir / "wandb").glob("offline-run-*/*.wandb"))
-    for step in (1, 8, 9, 24):  # before the kills and after the last resume
+    for step in range(9, 25):
         assert json.dumps(ours[step]["loss"]).encode() in logged, f"W&B offline run lacks step {step}'s loss"
