@@ -150,6 +150,8 @@ def find_latest(root: Path) -> Path | None:
 
 def prune(root: Path, keep_last: int) -> None:
     """Drop leftovers of killed saves, checkpoints beyond the newest `keep_last`, stale universal copies."""
+    if not root.is_dir():
+        return
     for tmp in root.glob(TMP_PREFIX + "step-*"):
         shutil.rmtree(tmp, ignore_errors=True)
     found = complete_checkpoints(root)

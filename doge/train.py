@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     rundir = Path(args.output)
     if rank == 0:
         rundir.mkdir(parents=True, exist_ok=True)
-        ckpt.prune(rundir / "checkpoints", keep_last=0) if (rundir / "checkpoints").is_dir() else None
+        ckpt.prune(rundir / "checkpoints", keep_last=0)  # only removes leftovers of killed saves
     dist.barrier()
 
     source, source_state = resolve_start(rundir, recipe)
