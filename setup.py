@@ -21,6 +21,7 @@ setup(
         "pyarrow>=15",
         "pyyaml>=6",
         "tqdm>=4.60",
+        "matplotlib>=3.5",
     ],
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
 )

@@ -103,11 +103,12 @@ def main(argv=None) -> None:
 
     ours, stock = build_pair(args.preset)
     rows = []
+    report = lambda row: (rows.append(row), print(f"{row[0]}: ours {row[1]:.1f}, stock {row[2]:.1f}", flush=True))
     for bf16 in (False, True):
         name = f"train tok/s seq {args.seq_len} {'bf16 autocast' if bf16 else 'fp32'}"
         s = train_tokens_per_s(stock, args.seq_len, args.steps, bf16, fused=False)
         o = train_tokens_per_s(ours, args.seq_len, args.steps, bf16, fused=True)
-        rows.append((name, o, s, o / s))
+        report((name, o, s, o / s))
     ours, stock = build_pair(args.preset)
     prompt = torch.randint(0, ours.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(2))
     hf = dict(do_sample=False, pad_token_id=0)
@@ -116,15 +117,15 @@ def main(argv=None) -> None:
     o = generate_tokens_per_s(Decoder(ours).generate, prompt, args.new_tokens)
     g = generate_tokens_per_s(lambda p, n: ours.eval().generate(p, max_new_tokens=n, min_new_tokens=n, **hf),
                               prompt, args.new_tokens)
-    rows.append(("greedy decode tok/s (Decoder)", o, s, o / s))
-    rows.append(("greedy decode tok/s (HF generate)", g, s, g / s))
+    report(("greedy decode tok/s (Decoder)", o, s, o / s))
+    report(("greedy decode tok/s (HF generate)", g, s, g / s))
     for keep, what in ((1, "last logits"), (0, "all logits")):
         mem = {w: forward_memory(w, args.preset, args.memory_len, 2048, keep) for w in ("ours", "stock")}
         label = f"fwd {args.memory_len} tok, window 2048, {what}:"
-        rows.append((f"{label} peak MB", mem["ours"]["extra_mb"], mem["stock"]["extra_mb"],
-                     mem["ours"]["extra_mb"] / mem["stock"]["extra_mb"]))
-        rows.append((f"{label} s", mem["ours"]["seconds"], mem["stock"]["seconds"],
-                     mem["ours"]["seconds"] / mem["stock"]["seconds"]))
+        report((f"{label} peak MB", mem["ours"]["extra_mb"], mem["stock"]["extra_mb"],
+                mem["ours"]["extra_mb"] / mem["stock"]["extra_mb"]))
+        report((f"{label} s", mem["ours"]["seconds"], mem["stock"]["seconds"],
+                mem["ours"]["seconds"] / mem["stock"]["seconds"]))
 
     print(f"\n{args.preset}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"| {'measure':<46} | {'ours':>10} | {'stock':>10} | {'ours/stock':>10} |")

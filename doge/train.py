@@ -173,7 +173,7 @@ def train_step(engine, data, state: ckpt.TrainerState, global_batch: int, recipe
     batch = batch.to(engine.device)
     losses = []
     for micro in batch.split(recipe.micro_batch_size):
-        loss = engine(input_ids=micro, labels=micro).loss
+        loss = engine(input_ids=micro, labels=micro, skip_logits=True).loss
         engine.backward(loss)
         engine.step()  # DeepSpeed applies the update at the accumulation boundary only
         losses.append(loss.detach().float())
@@ -193,7 +193,7 @@ def evaluate(engine, val, n_samples: int, micro: int, seq_len: int, rank: int, w
     total = torch.zeros(1, device=engine.device)  # nccl reduces device tensors only
     for start in range(rank * per_rank, (rank + 1) * per_rank, micro):
         ids = torch.stack([torch.as_tensor(val[i][:seq_len]) for i in range(start, start + micro)]).to(engine.device)
-        total += engine(input_ids=ids, labels=ids).loss.float() * micro
+        total += engine(input_ids=ids, labels=ids, skip_logits=True).loss.float() * micro
     engine.train()
     dist.all_reduce(total)
     return total.item() / (per_rank * world)
