@@ -115,23 +115,38 @@ def test_upcycle_rejects_non_square_expert_count():
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_fused_loss_matches_hf_loss_and_gradients(autocast):
-    """skip_logits=True (chunked fused LM head + cross-entropy) gives HF's loss and gradients."""
+    """skip_logits=True (chunked fused LM head + cross-entropy) gives HF's loss and gradients.
+
+    On CPU the fused head computes in float32 even under bf16 autocast (doge/loss.py says why),
+    so the reference is HF's loss on float32 logits of the same autocast body."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
     torch.manual_seed(16)
     model = DogeForCausalLM(tiny_config(vocab_size=3000)).train()
     x = torch.randint(0, 3000, (2, 700), generator=torch.Generator().manual_seed(16))
     labels = x.clone()
     labels[0, :50] = -100
-    results = []
-    for skip in (False, True):
-        model.zero_grad()
+
+    def reference():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = model(x, labels=labels, skip_logits=skip)
-        out.loss.backward()
-        assert (out.logits is None) == skip
-        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+            hidden = model.model(x).last_hidden_state
+        logits = torch.nn.functional.linear(hidden.float(), model.lm_head.weight)
+        return ForCausalLMLoss(logits, labels, 3000)
+
+    def fused():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x, labels=labels, skip_logits=True)
+        assert out.logits is None
+        return out.loss
+
+    results = []
+    for compute in (reference, fused):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results
-    tol = 2e-2 if autocast else 1e-5
-    assert abs(loss_a - loss_b) <= tol * abs(loss_a)
+    assert abs(loss_a - loss_b) <= 1e-5 * abs(loss_a)
+    tol = 1e-2 if autocast else 1e-4  # bf16 body: the same gradients, rounded to bf16 (eps 7.8e-3)
     for name in grads_a:
         scale = grads_a[name].abs().max().item()
         assert (grads_a[name] - grads_b[name]).abs().max().item() <= tol * scale + 1e-8, name
