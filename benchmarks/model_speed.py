@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -84,7 +85,6 @@ def forward_memory(which: str, preset: str, length: int, window: int, keep: int)
     keep=0 returns logits for every position (length x vocab floats: 1 GiB at 8192 tokens, the
     same for both models); keep=1 only the last position's, as a prefill does, so the attention
     and mask memory shows."""
-    from pathlib import Path
     code = MEMORY_PROBE.format(bench_dir=str(Path(__file__).parent), preset=preset, window=window,
                                which=which, length=length, keep=keep)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
@@ -103,7 +103,11 @@ def main(argv=None) -> None:
 
     ours, stock = build_pair(args.preset)
     rows = []
-    report = lambda row: (rows.append(row), print(f"{row[0]}: ours {row[1]:.1f}, stock {row[2]:.1f}", flush=True))
+
+    def report(row):
+        rows.append(row)
+        print(f"{row[0]}: ours {row[1]:.1f}, stock {row[2]:.1f}", flush=True)
+
     for bf16 in (False, True):
         name = f"train tok/s seq {args.seq_len} {'bf16 autocast' if bf16 else 'fp32'}"
         s = train_tokens_per_s(stock, args.seq_len, args.steps, bf16, fused=False)
