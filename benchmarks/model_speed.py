@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import transformers
@@ -63,19 +62,20 @@ def generate_tokens_per_s(generate, prompt, new_tokens: int) -> float:
 
 
 MEMORY_PROBE = """
-import json, resource, sys, time, torch
-sys.path.insert(0, {bench_dir!r})
-from model_speed import build_pair
-ours, stock = build_pair({preset!r}, keep_window_size={window})
-model = (ours if {which!r} == "ours" else stock).eval()
-del ours, stock
-x = torch.randint(0, model.config.vocab_size, (1, {length}))
-before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+import json, time, torch, transformers
+from doge import DogeConfig, DogeForCausalLM
+config = DogeConfig.from_preset({preset!r}, keep_window_size={window})
+torch.manual_seed(0)
+model = (DogeForCausalLM(config) if {which!r} == "ours" else
+         transformers.DogeForCausalLM(transformers.DogeConfig(**config.to_dict()))).eval()
+x = torch.randint(0, config.vocab_size, (1, {length}))
+status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+before = status("VmRSS:")
 start = time.perf_counter()
 with torch.no_grad():
     model(x, logits_to_keep={keep})
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({{"extra_mb": (peak - before) / 2**20, "seconds": time.perf_counter() - start}}))
+print(json.dumps({{"extra_mb": (status("VmHWM:") - before) / 1024, "seconds": time.perf_counter() - start}}))
 """
 
 
@@ -85,7 +85,7 @@ def forward_memory(which: str, preset: str, length: int, window: int, keep: int)
     keep=0 returns logits for every position (length x vocab floats: 1 GiB at 8192 tokens, the
     same for both models); keep=1 only the last position's, as a prefill does, so the attention
     and mask memory shows."""
-    code = MEMORY_PROBE.format(bench_dir=str(Path(__file__).parent), preset=preset, window=window,
+    code = MEMORY_PROBE.format(preset=preset, window=window,
                                which=which, length=length, keep=keep)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
