@@ -53,7 +53,7 @@ def test_byte_fallback_never_produces_unknown_tokens():
 def test_training_is_deterministic_and_fingerprint_follows_behaviour(tmp_path):
     inputs = [str(PRETRAIN / "tinyshakespeare.txt"), str(PRETRAIN / CODE_CORPUS)]
     a = train_tokenizer(inputs, tmp_path / "a", vocab_size=700, threads=2)
-    b = train_tokenizer(inputs, tmp_path / "b", vocab_size=700, threads=2)
+    b = train_tokenizer(inputs, tmp_path / "not" / "yet" / "b", vocab_size=700, threads=2)  # parents made
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
     tok = load(a)
     tok.save_pretrained(tmp_path / "resaved")

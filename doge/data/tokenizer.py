@@ -42,6 +42,7 @@ def train_tokenizer(
     output = Path(output)
     if output.exists():
         raise DataError(f"{output} already exists; remove it or pick another --output")
+    output.parent.mkdir(parents=True, exist_ok=True)  # the staging folder lives beside the output
     with tempfile.TemporaryDirectory(prefix=".train_tokenizer-", dir=output.parent) as tmp:
         spm.set_random_generator_seed(seed)
         docs = tqdm(iter_documents(inputs, opts), desc="documents", unit=" docs", mininterval=1.0)
