@@ -22,6 +22,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "matplotlib>=3.5",
+        "psutil>=5.9",
     ],
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
 )

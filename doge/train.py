@@ -3,7 +3,8 @@ ds_configs/zero2.json --recipe recipes/doge-160m.yaml --data DATADIR --output RU
 
 Also runs under `torchrun` and as `python doge/train.py` (one process); on CPU set DS_ACCELERATOR=cpu.
 Starting on a RUNDIR that holds a complete checkpoint resumes from it, on any world size.
-SIGUSR1/SIGTERM: finish the current step, save, exit 0.
+SIGUSR1/SIGTERM: finish the current step, save, exit 0 (`python -m doge.launch` in place of
+`deepspeed` makes the launcher exit 0 too: DeepSpeed's own runner dies of SIGUSR1).
 
 The loop is short on purpose: schedule, checkpointing, metrics and data order live in their own
 modules; this file only wires them together.

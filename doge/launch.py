@@ -1,0 +1,93 @@
+"""`python -m doge.launch ...`: the `deepspeed` command, with stop signals that end a job cleanly.
+
+DeepSpeed's launcher processes (the runner and the per-node `deepspeed.launcher.launch` it starts)
+take SIGUSR1's default action and die: the ranks are orphaned and the job reports "killed by
+signal" however cleanly they save. This front starts DeepSpeed's runner with SIGUSR1 ignored (an
+ignored signal stays ignored across exec, so both launcher processes ignore it, while
+doge/train.py installs its own handler) and turns SIGUSR1 or SIGTERM sent to it into SIGUSR1 for
+every rank: the ranks finish the step, save a checkpoint and exit 0, then the launchers exit 0,
+and so does this command. A signal delivered to the whole process group (a terminal, SLURM's
+`scancel --signal=USR1`) ends the same way.
+
+    python -m doge.launch [deepspeed flags] doge/train.py --deepspeed ds_configs/zero2.json ...
+
+Every argument goes to `deepspeed` unchanged (`python -m doge.launch --help` shows its flags).
+Each rank is sent the request once, as soon as its handler is installed (a rank still starting up
+ignores SIGUSR1 until then, and one already past its Python shutdown would die of it). Multi-node: start one launcher per node (e.g. under srun)
+and signal each; ranks reached through pdsh/ssh are out of this process's reach.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+POLL_S = 0.2
+RANK_PARENT = "deepspeed.launcher.launch"
+
+
+def ranks(runner_pid: int) -> list[psutil.Process]:
+    """The training processes: children of the per-node `deepspeed.launcher.launch` processes."""
+    found = []
+    try:
+        for proc in psutil.Process(runner_pid).children(recursive=True):
+            if any(RANK_PARENT in part for part in proc.cmdline()):
+                found.extend(proc.children())
+    except psutil.Error:  # a process ended while we looked: the next round sees the rest
+        pass
+    return found
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (the SigCgt mask in /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            mask = next(line for line in status if line.startswith("SigCgt:")).split()[1]
+    except (OSError, StopIteration):
+        return False
+    return bool(int(mask, 16) >> (sig - 1) & 1)
+
+
+def forward_stop(runner_pid: int, told: set[int]) -> None:
+    """SIGUSR1 once to every rank that handles it and has not been told yet."""
+    for proc in ranks(runner_pid):
+        if proc.pid not in told and catches(proc.pid, signal.SIGUSR1):
+            try:
+                proc.send_signal(signal.SIGUSR1)
+                told.add(proc.pid)
+            except psutil.Error:
+                pass
+
+
+def exit_status(returncode: int) -> int:
+    """A child killed by signal N reports -N; shells report that as 128 + N."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__, flush=True)  # then DeepSpeed's own flags, printed by its runner
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited by the launcher processes
+    runner = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", *argv])
+    requests: list[int] = []
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: requests.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: runner.send_signal(signal.SIGINT))
+    told: set[int] | None = None
+    while runner.poll() is None:
+        if requests and told is None:
+            print(f"doge.launch: {signal.Signals(requests[0]).name}: asking every rank to save and exit",
+                  file=sys.stderr, flush=True)
+            told = set()
+        if told is not None:
+            forward_stop(runner.pid, told)
+        time.sleep(POLL_S)
+    return exit_status(runner.returncode)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
