@@ -6,6 +6,7 @@ cut back to the resumed step, so after any number of crashes it reads like one u
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -95,7 +96,8 @@ class Reporter:
         tok_s = tokens / max(now - then, 1e-9)
         mfu = tok_s * self.flops_per_token / self.peak_flops
         eta = (now - then) / max(step - then_step, 1) * (self.max_steps - step)
-        self._write(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_seen=tokens_seen,
+        finite = lambda x: x if math.isfinite(x) else None  # JSON has no NaN/inf; skipped steps log null
+        self._write(dict(step=step, loss=finite(loss), lr=lr, grad_norm=finite(grad_norm), tokens_seen=tokens_seen,
                          samples_consumed=samples_consumed, tokens_per_s=tok_s, mfu=mfu,
                          skipped_steps=skipped_steps, time=time.time()))
         self.bar.write(f"step {step:>6}/{self.max_steps} | loss {loss:.4f} | lr {lr:.3e} | gnorm {grad_norm:.3f}"

@@ -42,6 +42,7 @@ class ConfigError(ValueError):
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 _stop_requested = []
+NAN_STEPS_ENV = "DOGE_FAULT_NAN_STEPS"  # fault injection for tests: "5,6" makes those steps' loss NaN
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, Recipe]:
@@ -173,8 +174,11 @@ def train_step(engine, data, state: ckpt.TrainerState, global_batch: int, recipe
     batch = data.rank_batch(state.samples_consumed, global_batch, rank, world)[:, :recipe.seq_len]
     batch = batch.to(engine.device)
     losses = []
+    poison = str(state.step + 1) in os.environ.get(NAN_STEPS_ENV, "").split(",")
     for micro in batch.split(recipe.micro_batch_size):
         loss = engine(input_ids=micro, labels=micro, skip_logits=True).loss
+        if poison:
+            loss = loss * float("nan")
         engine.backward(loss)
         engine.step()  # DeepSpeed applies the update at the accumulation boundary only
         losses.append(loss.detach().float())
@@ -274,7 +278,7 @@ def main(argv=None) -> int:
         if reporter:
             reporter.advance(state.step)
             if state.step % recipe.log_interval == 0 or state.step == recipe.max_steps:
-                reporter.train(state.step, loss_sum / max(loss_count, 1), lr, grad_norm, tokens_since,
+                reporter.train(state.step, loss_sum / loss_count if loss_count else math.nan, lr, grad_norm, tokens_since,
                                state.tokens_seen, state.samples_consumed, state.skipped_steps)
                 loss_sum, loss_count, tokens_since = 0.0, 0, 0
         if n_val and (state.step % recipe.eval_interval == 0 or state.step == recipe.max_steps):
