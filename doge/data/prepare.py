@@ -15,13 +15,14 @@ import shutil
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from itertools import chain, islice
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from doge.data import shards
 from doge.data.atomic import write_json_atomic
+from doge.data.encode import make_encoder
 from doge.data.errors import DataError
 from doge.data.sources import STAT_KEYS, ReadOptions, Stats, plan_chunks, read_chunk, resolve_files
 from doge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -138,7 +139,7 @@ def _run(cfg: PrepareConfig, work: Path, layout: dict, chunks, state: dict, prog
     packer = Packer(work, layout, state)
     todo = range(state["chunk"], len(chunks))
     ctx = multiprocessing.get_context("fork")
-    init = (str(work / "tokenizer"), cfg.read, layout["dtype"], cfg.workers > 1)
+    init = (*_load_encoder(str(work / "tokenizer")), str(work / "tokenizer"), cfg.read, layout["dtype"], cfg.workers > 1)
     with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init) as pool, tqdm(
         total=len(chunks), initial=state["chunk"], unit="chunk", desc="prepare", disable=not progress_bar
     ) as bar:
@@ -164,23 +165,23 @@ def _ordered(pool, func, items, window: int):
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_dir: str, opts: ReadOptions, dtype: str, single_thread: bool) -> None:
-    """Load the Rust tokenizer once per process; one thread each when there are several workers."""
+def _load_encoder(tokenizer_dir: str) -> tuple:
+    """(encoder, EOS id) of the saved Rust tokenizer, built once before the workers fork (which
+    inherit it): loading and checking the tokenizer costs about half a CPU-second."""
     from tokenizers import Tokenizer
 
-    if single_thread:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(backend=Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json")),
-                   dir=tokenizer_dir, opts=opts, dtype=np.dtype(dtype))
-    _WORKER["eos"] = _saved_eos_id(tokenizer_dir)
-
-
-def _saved_eos_id(tokenizer_dir: str) -> int:
-    """EOS id from the saved folder without importing transformers in every worker."""
+    backend = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
     config = json.loads(Path(tokenizer_dir, "tokenizer_config.json").read_text())
     eos = config["eos_token"]
     eos = eos["content"] if isinstance(eos, dict) else eos
-    return _WORKER["backend"].token_to_id(eos)
+    return make_encoder(backend), backend.token_to_id(eos)
+
+
+def _init_worker(encoder, eos: int, tokenizer_dir: str, opts: ReadOptions, dtype: str, single_thread: bool) -> None:
+    """One tokenizer thread per worker when there are several workers."""
+    if single_thread:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(encoder=encoder, eos=eos, dir=tokenizer_dir, opts=opts, dtype=np.dtype(dtype))
 
 
 def _tokenize_chunk(chunk):
@@ -196,16 +197,17 @@ def _tokenize_chunk(chunk):
 
 
 def _encode(docs: list) -> np.ndarray:
-    """Tokenize with the tokenizer's own special tokens (BOS if it adds one), then append EOS."""
-    backend, eos = _WORKER["backend"], _WORKER["eos"]
+    """Tokenize with the tokenizer's own special tokens (BOS if it adds one), then append EOS
+    to each document that does not already end with it."""
+    encoder, eos = _WORKER["encoder"], _WORKER["eos"]
     if _WORKER["opts"].chat_fields:
-        ids = [e.ids for e in backend.encode_batch_fast([_render_chat(d) for d in docs], add_special_tokens=False)]
+        ids, lengths = encoder.encode([_render_chat(d) for d in docs], add_special_tokens=False)
     else:
-        ids = [e.ids for e in backend.encode_batch_fast(docs, add_special_tokens=True)]
-    for doc_ids in ids:
-        if not doc_ids or doc_ids[-1] != eos:
-            doc_ids.append(eos)
-    return np.fromiter(chain.from_iterable(ids), dtype=_WORKER["dtype"], count=sum(map(len, ids)))
+        ids, lengths = encoder.encode(docs, add_special_tokens=True)
+    ends = np.cumsum(lengths)
+    has_eos = np.zeros(len(lengths), bool)
+    has_eos[lengths > 0] = ids[ends[lengths > 0] - 1] == eos
+    return np.insert(ids, ends[~has_eos], eos).astype(_WORKER["dtype"], copy=False)
 
 
 def _render_chat(parts: tuple) -> str:

@@ -1,0 +1,156 @@
+"""Batch text -> token ids for prepare, memoised per word where that is provably exact.
+
+The tokenizer train_tokenizer.py makes runs BPE over each whole document (no pre-tokenizer), so
+the Rust BPE never reuses work and tokenizing bounds prepare. Yet BPE is local: when no piece a
+merge can build spans position p, the text tokenizes as its two sides do separately. Sentencepiece
+never learns a piece with a non-space character followed by a space (`▁`), so a document is cut
+before each `▁` that follows another character, and each such word is tokenized once per worker
+and then looked up (as tiktoken and the Rust BPE cache do for pre-tokenized words).
+
+`make_encoder` takes that path only when `why_not_memoised` finds nothing in the tokenizer that
+breaks the argument; any other tokenizer (a hub byte-level BPE, a normaliser that lowercases, a
+post-processor that adds BOS) is encoded document by document as before. Both give the ids of
+`tokenizer(text)` exactly; tests/test_data_encode.py checks that on every document of the corpora.
+"""
+import json
+import re
+from itertools import chain
+
+import numpy as np
+
+SPACE = "\u2581"
+WORD = re.compile(f"{SPACE}*[^{SPACE}]+|{SPACE}+")
+CHAR_THEN_SPACE = re.compile(f"[^{SPACE}]{SPACE}")
+BYTE_PIECES = frozenset(f"<0x{b:02X}>" for b in range(256))
+WORDS_PER_TEXT = 256  # unseen words encoded per string: the Rust per-call cost dominates single words
+MAX_WORDS = 1 << 18  # memo bounds per worker (~50 MB); it starts afresh when a batch would exceed one
+MAX_CHARS = 1 << 24
+PLAIN_BPE = ("dropout", "ignore_merges", "continuing_subword_prefix", "end_of_word_suffix")  # all must be off
+
+
+def make_encoder(backend):
+    """The memoised encoder when it is provably exact for `backend` (a tokenizers.Tokenizer)."""
+    return DirectEncoder(backend) if why_not_memoised(backend) else MemoEncoder(backend)
+
+
+class DirectEncoder:
+    """Each text through the Rust tokenizer as a whole."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def encode(self, texts: list, add_special_tokens: bool = True) -> tuple:
+        """texts -> (all their ids concatenated as uint32, ids per text)."""
+        ids = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        return np.fromiter(chain.from_iterable(ids), np.uint32, int(lengths.sum())), lengths
+
+
+class MemoEncoder:
+    """Texts cut into words, each word's ids looked up, unseen words encoded in Rust once.
+
+    The normaliser (space -> `▁`) is applied in Python first, so the words are cut on the text
+    the model sees and the Rust side skips its slower normaliser. The memo is a dict word -> index
+    into flat numpy arrays, so putting a batch together is one vectorised gather.
+    """
+
+    def __init__(self, backend):
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_str(backend.to_str())
+        self.backend.normalizer = None
+        self.token_bytes = _token_bytes(self.backend)
+        self._forget()
+
+    def _forget(self) -> None:
+        self.index: dict = {}
+        self.chars = 0
+        self.starts = np.zeros(0, np.int64)  # per word: where its ids start in self.ids
+        self.lengths = np.zeros(0, np.int64)
+        self.ids = np.zeros(0, np.uint32)
+
+    def encode(self, texts: list, add_special_tokens: bool = True) -> tuple:
+        """texts -> (all their ids concatenated as uint32, ids per text). `add_special_tokens`
+        changes nothing: only post-processors that add no tokens pass why_not_memoised."""
+        words = [WORD.findall(t.replace(" ", SPACE)) for t in texts]
+        flat = list(chain.from_iterable(words))
+        self._learn(set(flat))
+        keys = np.fromiter(map(self.index.__getitem__, flat), np.int64, len(flat))
+        lengths = self.lengths[keys]
+        ends = np.cumsum(lengths)
+        ids = self.ids[np.repeat(self.starts[keys] - ends + lengths, lengths) + np.arange(int(lengths.sum()))]
+        last_word = np.cumsum(np.fromiter(map(len, words), np.int64, len(words)))  # per text, 1-based
+        text_ends = np.concatenate([[0], ends])[last_word]
+        return ids, np.diff(text_ends, prepend=0)
+
+    def _learn(self, words: set) -> None:
+        """Encode the unseen ones of `words` and remember them (after forgetting all, if too many)."""
+        new = words.difference(self.index)
+        if not new:
+            return
+        if len(self.index) + len(new) > MAX_WORDS or self.chars + sum(map(len, new)) > MAX_CHARS:
+            self._forget()
+            new = words
+        # Words that start with `▁` and end on another character can be joined end to end: each
+        # join is again a cut that no piece spans. The few others are encoded alone.
+        joinable = [w for w in new if w[0] == SPACE and w[-1] != SPACE]
+        alone = [w for w in new if not (w[0] == SPACE and w[-1] != SPACE)]
+        texts = ["".join(joinable[i : i + WORDS_PER_TEXT]) for i in range(0, len(joinable), WORDS_PER_TEXT)] + alone
+        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.uint32)
+        order = joinable + alone
+        counts = _split_by_bytes(ids, self.token_bytes, [len(w.encode()) for w in order])
+        self.index.update(zip(order, range(len(self.index), len(self.index) + len(order))))
+        self.chars += sum(map(len, order))
+        self.starts = np.concatenate([self.starts, len(self.ids) + np.cumsum(counts) - counts])
+        self.lengths = np.concatenate([self.lengths, counts])
+        self.ids = np.concatenate([self.ids, ids])
+
+
+def _split_by_bytes(ids: np.ndarray, token_bytes: np.ndarray, word_bytes: list) -> np.ndarray:
+    """How many of `ids` belong to each word, from the UTF-8 length each token stands for.
+    Also checks that every word ends where a token ends, i.e. that no token spans two words."""
+    token_ends = np.cumsum(token_bytes[ids])
+    word_ends = np.cumsum(np.asarray(word_bytes, np.int64))
+    cuts = np.searchsorted(token_ends, word_ends, side="right")
+    if len(word_ends) and (len(token_ends) != cuts[-1] or not np.array_equal(token_ends[cuts - 1], word_ends)):
+        raise RuntimeError("memoised encoding: a token spans two words; why_not_memoised missed a case")
+    return np.diff(cuts, prepend=0)
+
+
+def _token_bytes(backend) -> np.ndarray:
+    """UTF-8 length of the text each id stands for (1 for byte-fallback pieces)."""
+    vocab = backend.get_vocab(with_added_tokens=True)
+    table = np.zeros(max(vocab.values()) + 1, np.int64)
+    for piece, i in vocab.items():
+        table[i] = 1 if piece in BYTE_PIECES else len(piece.encode())
+    return table
+
+
+def why_not_memoised(backend) -> str:
+    """'' when cutting texts before every `▁` that follows another character cannot change the
+    ids `backend` gives, else the first reason why not. Checks the whole tokenizer spec."""
+    spec = json.loads(backend.to_str())
+    model, post = spec["model"], spec["post_processor"]
+    checks = [
+        (spec["normalizer"] == {"type": "Replace", "pattern": {"String": " "}, "content": SPACE},
+         "the normaliser is not exactly space -> \u2581"),
+        (spec["pre_tokenizer"] is None, "it has a pre-tokenizer"),
+        (post is None or (post["type"] == "TemplateProcessing" and [list(x) for x in post["single"]] == [["Sequence"]]),
+         "its post-processor adds tokens"),
+        (spec.get("truncation") is None and spec.get("padding") is None, "it truncates or pads"),
+        (model["type"] == "BPE" and model.get("byte_fallback") and not any(model.get(k) for k in PLAIN_BPE),
+         "the model is not a plain byte-fallback BPE"),
+        (BYTE_PIECES <= model["vocab"].keys() and SPACE in model["vocab"], "byte pieces or \u2581 are missing"),
+        (not any(CHAR_THEN_SPACE.search(piece) for piece in model["vocab"]),
+         "a piece has a character followed by \u2581"),
+        (not any(_merged(m) in BYTE_PIECES for m in model["merges"]), "a merge builds a byte piece"),
+        (not any(" " in t["content"] or SPACE in t["content"] or t["lstrip"] or t["rstrip"] or t["single_word"]
+                 for t in spec["added_tokens"]), "an added token has a space or strips/matches whole words"),
+    ]
+    return next((reason for ok, reason in checks if not ok), "")
+
+
+def _merged(merge) -> str:
+    """A merge's result; tokenizer.json writes merges as [a, b] (or "a b" in older files)."""
+    return "".join(merge) if isinstance(merge, list) else merge.replace(" ", "", 1)
