@@ -74,7 +74,9 @@ class MemoEncoder:
         changes nothing: only post-processors that add no tokens pass why_not_memoised."""
         words = [WORD.findall(t.replace(" ", SPACE)) for t in texts]
         flat = list(chain.from_iterable(words))
-        self._learn(set(flat))
+        # Only a text's first word can lack the leading `▁`, and only its last can be all `▁`.
+        edges = {w for text_words in words if text_words for w in (text_words[0], text_words[-1])}
+        self._learn(set(flat), {w for w in edges if w[0] != SPACE or w[-1] == SPACE})
         keys = np.fromiter(map(self.index.__getitem__, flat), np.int64, len(flat))
         lengths = self.lengths[keys]
         ends = np.cumsum(lengths)
@@ -83,35 +85,35 @@ class MemoEncoder:
         text_ends = np.concatenate([[0], ends])[last_word]
         return ids, np.diff(text_ends, prepend=0)
 
-    def _learn(self, words: set) -> None:
-        """Encode the unseen ones of `words` and remember them (after forgetting all, if too many)."""
+    def _learn(self, words: set, odd: set) -> None:
+        """Encode the unseen ones of `words` and remember them (after forgetting all, if too many).
+        Those not in `odd` start with `▁` and end on another character, so they can be joined end
+        to end: each join is again a cut that no piece spans. The few odd ones are encoded alone."""
         new = words.difference(self.index)
         if not new:
             return
-        if len(self.index) + len(new) > MAX_WORDS or self.chars + sum(map(len, new)) > MAX_CHARS:
+        chars = sum(map(len, new))
+        if len(self.index) + len(new) > MAX_WORDS or self.chars + chars > MAX_CHARS:
             self._forget()
-            new = words
-        # Words that start with `▁` and end on another character can be joined end to end: each
-        # join is again a cut that no piece spans. The few others are encoded alone.
-        joinable = [w for w in new if w[0] == SPACE and w[-1] != SPACE]
-        alone = [w for w in new if not (w[0] == SPACE and w[-1] != SPACE)]
+            new, chars = words, sum(map(len, words))
+        joinable, alone = list(new.difference(odd)), list(new.intersection(odd))
         texts = ["".join(joinable[i : i + WORDS_PER_TEXT]) for i in range(0, len(joinable), WORDS_PER_TEXT)] + alone
         encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
         ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.uint32)
         order = joinable + alone
-        counts = _split_by_bytes(ids, self.token_bytes, [len(w.encode()) for w in order])
+        counts = _split_by_bytes(ids, self.token_bytes, np.fromiter(map(len, map(str.encode, order)), np.int64, len(order)))
         self.index.update(zip(order, range(len(self.index), len(self.index) + len(order))))
-        self.chars += sum(map(len, order))
+        self.chars += chars
         self.starts = np.concatenate([self.starts, len(self.ids) + np.cumsum(counts) - counts])
         self.lengths = np.concatenate([self.lengths, counts])
         self.ids = np.concatenate([self.ids, ids])
 
 
-def _split_by_bytes(ids: np.ndarray, token_bytes: np.ndarray, word_bytes: list) -> np.ndarray:
+def _split_by_bytes(ids: np.ndarray, token_bytes: np.ndarray, word_bytes: np.ndarray) -> np.ndarray:
     """How many of `ids` belong to each word, from the UTF-8 length each token stands for.
     Also checks that every word ends where a token ends, i.e. that no token spans two words."""
     token_ends = np.cumsum(token_bytes[ids])
-    word_ends = np.cumsum(np.asarray(word_bytes, np.int64))
+    word_ends = np.cumsum(word_bytes)
     cuts = np.searchsorted(token_ends, word_ends, side="right")
     if len(word_ends) and (len(token_ends) != cuts[-1] or not np.array_equal(token_ends[cuts - 1], word_ends)):
         raise RuntimeError("memoised encoding: a token spans two words; why_not_memoised missed a case")
