@@ -5,7 +5,12 @@ greedy generation tokens/s (prompt 32, 128 new tokens, batch 1) and the peak mem
 forward at 8192 tokens with keep_window_size 2048 (each in a fresh subprocess, peak RSS above the
 loaded model). Prints a table with ratios ours/stock.
 
-    python benchmarks/model_speed.py [--steps 3] [--preset doge-20m] [--json OUT]
+bf16 autocast rows need a CPU with native bf16 GEMMs (AVX512-BF16 / AMX) or a GPU. Where bf16 is
+emulated (AVX2-only CPUs: 10-20x slower than fp32), one stock bf16 step at seq 2048 takes about
+5 minutes, so `--bf16 auto` (the default) probes a GEMM and skips those rows there, saying so;
+`--bf16 on` measures them anyway.
+
+    python benchmarks/model_speed.py [--steps 3] [--preset doge-20m] [--bf16 auto|on|off] [--json OUT]
 """
 from __future__ import annotations
 
@@ -50,6 +55,25 @@ def train_tokens_per_s(model, seq_len: int, steps: int, bf16: bool, fused: bool)
     for _ in range(steps):
         step()
     return steps * seq_len / (time.perf_counter() - start)
+
+
+BF16_EMULATED = 3.0  # native bf16 GEMMs run at least as fast as fp32; emulated ones 10-20x slower
+
+
+def bf16_slowdown(n: int = 512, repeats: int = 3) -> float:
+    """How many times slower a bf16 GEMM runs than the fp32 one on this CPU (best of `repeats`)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def best(x, y):
+        x @ y
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(a.bfloat16(), b.bfloat16()) / best(a, b)
 
 
 @torch.inference_mode()
@@ -98,6 +122,10 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per measurement")
     parser.add_argument("--new-tokens", type=int, default=128, help="generated tokens (prompt 32)")
     parser.add_argument("--memory-len", type=int, default=8192, help="tokens of the memory probe forward")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="bf16 autocast training rows: auto = only where bf16 GEMMs are native (see above)")
+    parser.add_argument("--all-logits", action="store_true",
+                        help="also probe the 8k forward returning every position's logits (+1 GiB for both)")
     parser.add_argument("--json", help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
 
@@ -108,7 +136,14 @@ def main(argv=None) -> None:
         rows.append(row)
         print(f"{row[0]}: ours {row[1]:.1f}, stock {row[2]:.1f}", flush=True)
 
-    for bf16 in (False, True):
+    precisions = [False]
+    slowdown = bf16_slowdown()
+    if args.bf16 == "on" or (args.bf16 == "auto" and slowdown < BF16_EMULATED):
+        precisions.append(True)
+    elif args.bf16 == "auto":
+        print(f"bf16 autocast rows skipped: a bf16 GEMM runs {slowdown:.1f}x slower than fp32 here (emulated); "
+              f"--bf16 on measures them (minutes per stock step)", flush=True)
+    for bf16 in precisions:
         name = f"train tok/s seq {args.seq_len} {'bf16 autocast' if bf16 else 'fp32'}"
         s = train_tokens_per_s(stock, args.seq_len, args.steps, bf16, fused=False)
         o = train_tokens_per_s(ours, args.seq_len, args.steps, bf16, fused=True)
@@ -123,7 +158,7 @@ def main(argv=None) -> None:
                               prompt, args.new_tokens)
     report(("greedy decode tok/s (Decoder)", o, s, o / s))
     report(("greedy decode tok/s (HF generate)", g, s, g / s))
-    for keep, what in ((1, "last logits"), (0, "all logits")):
+    for keep, what in ((1, "last logits"), (0, "all logits"))[: 2 if args.all_logits else 1]:
         mem = {w: forward_memory(w, args.preset, args.memory_len, 2048, keep) for w in ("ours", "stock")}
         label = f"fwd {args.memory_len} tok, window 2048, {what}:"
         report((f"{label} peak MB", mem["ours"]["extra_mb"], mem["stock"]["extra_mb"],
