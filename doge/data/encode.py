@@ -28,16 +28,18 @@ MAX_CHARS = 1 << 24
 PLAIN_BPE = ("dropout", "ignore_merges", "continuing_subword_prefix", "end_of_word_suffix")  # all must be off
 
 
-def make_encoder(backend):
-    """The memoised encoder when it is provably exact for `backend` (a tokenizers.Tokenizer)."""
-    return DirectEncoder(backend) if why_not_memoised(backend) else MemoEncoder(backend)
+def make_encoder(tokenizer_json: str):
+    """The memoised encoder when it is provably exact for this tokenizer (tokenizer.json text)."""
+    return DirectEncoder(tokenizer_json) if why_not_memoised(tokenizer_json) else MemoEncoder(tokenizer_json)
 
 
 class DirectEncoder:
     """Each text through the Rust tokenizer as a whole."""
 
-    def __init__(self, backend):
-        self.backend = backend
+    def __init__(self, tokenizer_json: str):
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_str(tokenizer_json)
 
     def encode(self, texts: list, add_special_tokens: bool = True) -> tuple:
         """texts -> (all their ids concatenated as uint32, ids per text)."""
@@ -54,10 +56,10 @@ class MemoEncoder:
     into flat numpy arrays, so putting a batch together is one vectorised gather.
     """
 
-    def __init__(self, backend):
+    def __init__(self, tokenizer_json: str):
         from tokenizers import Tokenizer
 
-        self.backend = Tokenizer.from_str(backend.to_str())
+        self.backend = Tokenizer.from_str(tokenizer_json)
         self.backend.normalizer = None
         self.token_bytes = _token_bytes(self.backend)
         self._forget()
@@ -129,10 +131,10 @@ def _token_bytes(backend) -> np.ndarray:
     return table
 
 
-def why_not_memoised(backend) -> str:
+def why_not_memoised(tokenizer_json: str) -> str:
     """'' when cutting texts before every `▁` that follows another character cannot change the
-    ids `backend` gives, else the first reason why not. Checks the whole tokenizer spec."""
-    spec = json.loads(backend.to_str())
+    ids this tokenizer (tokenizer.json text) gives, else the first reason why not."""
+    spec = json.loads(tokenizer_json)
     model, post = spec["model"], spec["post_processor"]
     checks = [
         (spec["normalizer"] == {"type": "Replace", "pattern": {"String": " "}, "content": SPACE},
