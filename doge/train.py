@@ -16,7 +16,7 @@ import math
 import os
 import signal
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `deepspeed doge/train.py` runs this file as a script
@@ -204,11 +204,25 @@ def evaluate(engine, val, n_samples: int, micro: int, seq_len: int, rank: int, w
     return total.item() / (per_rank * world)
 
 
-def main(argv=None) -> int:
-    args, recipe = parse_args(argv)
-    rank, world, local_world = init_distributed()
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda signum, frame: _stop_requested.append(signum))
+@dataclass
+class Run:
+    """Everything the training loop touches, built once by `setup`."""
+    recipe: Recipe
+    rundir: Path
+    engine: object
+    state: ckpt.TrainerState
+    data: object
+    val: object
+    n_val: int
+    schedule: WSD
+    global_batch: int
+    rank: int
+    world: int
+    reporter: Reporter | None
+
+
+def setup(args, recipe: Recipe, rank: int, world: int, local_world: int) -> Run:
+    """Resolve the start point, check the config against the data, build the engine, load state."""
     rundir = Path(args.output)
     if rank == 0:
         rundir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +239,8 @@ def main(argv=None) -> int:
     schedule = WSD(recipe.lr, recipe.warmup_steps, recipe.decay_steps, recipe.max_steps, recipe.decay_shape,
                    recipe.min_lr_ratio, recipe.decay_start)
     val = open_data(args.data, recipe, config.vocab_size, "val") if recipe.eval_interval else None
-    n_val = min(recipe.eval_samples, len(val)) // (world * recipe.micro_batch_size) * world * recipe.micro_batch_size if val else 0
+    per_round = world * recipe.micro_batch_size
+    n_val = min(recipe.eval_samples, len(val)) // per_round * per_round if val else 0
 
     universal = source is not None and source_state.world_size != world
     engine, bf16 = build_engine(args, recipe, config, recipe.micro_batch_size, grad_accum, world, universal)
@@ -235,66 +250,98 @@ def main(argv=None) -> int:
         load_start(engine, source, source_state, rundir, world, rank, resumed)
         if resumed:
             state = ckpt.TrainerState(**{**asdict(source_state), "world_size": world, "recipe": asdict(recipe)})
-
-    reporter = None
+    run = Run(recipe, rundir, engine, state, data, val, n_val, schedule, global_batch, rank, world, None)
     if rank == 0:
-        wandb_run = start_wandb(recipe.wandb, recipe.wandb_project, rundir, state.wandb_run_id, asdict(recipe))
-        state.wandb_run_id = wandb_run.id if wandb_run is not None else None
-        n_params = sum(p.numel() for p in engine.module.parameters())
-        reporter = Reporter(rundir, recipe.max_steps, state.step,
-                            flops_per_token(n_params, config.num_hidden_layers, config.hidden_size, recipe.seq_len),
-                            device_peak_flops(bf16, local_world) * world, wandb_run)
-        reporter.message(f"{'resumed from ' + str(source) if resumed else 'initialised from ' + str(source) if source else 'fresh start'}"
-                         f" at step {state.step}: {n_params / 1e6:.2f}M params, world {world}, global batch "
-                         f"{global_batch} x {recipe.seq_len} tokens, grad accum {grad_accum}, {'bf16' if bf16 else 'fp32'}")
-        if val is not None and not n_val:
-            reporter.message(f"validation off: the val split has {len(val)} samples, fewer than micro batch x world "
-                             f"= {world * recipe.micro_batch_size}; prepare more with --val-fraction/--val-rows")
+        run.reporter = start_reporter(run, config, bf16, local_world, grad_accum,
+                                      f"resumed from {source}" if resumed else
+                                      f"initialised from {source}" if source else "fresh start")
+    return run
 
-    loss_sum, loss_count, tokens_since = 0.0, 0, 0
-    stopped = False
+
+def start_reporter(run: Run, config: DogeConfig, bf16: bool, local_world: int, grad_accum: int,
+                   origin: str) -> Reporter:
+    """Rank 0's console/metrics/W&B reporter, and the run's opening lines."""
+    recipe, state = run.recipe, run.state
+    wandb_run = start_wandb(recipe.wandb, recipe.wandb_project, run.rundir, state.wandb_run_id, asdict(recipe))
+    state.wandb_run_id = wandb_run.id if wandb_run is not None else None
+    n_params = sum(p.numel() for p in run.engine.module.parameters())
+    reporter = Reporter(run.rundir, recipe.max_steps, state.step,
+                        flops_per_token(n_params, config.num_hidden_layers, config.hidden_size, recipe.seq_len),
+                        device_peak_flops(bf16, local_world) * run.world, wandb_run)
+    reporter.message(f"{origin} at step {state.step}: {n_params / 1e6:.2f}M params, world {run.world}, global "
+                     f"batch {run.global_batch} x {recipe.seq_len} tokens, grad accum {grad_accum}, "
+                     f"{'bf16' if bf16 else 'fp32'}")
+    if run.val is not None and not run.n_val:
+        reporter.message(f"validation off: the val split has {len(run.val)} samples, fewer than micro batch x world "
+                         f"= {run.world * recipe.micro_batch_size}; prepare more with --val-fraction/--val-rows")
+    return reporter
+
+
+def guard(run: Run, loss: float, grad_norm: float) -> bool:
+    """Count a non-finite step (DeepSpeed skipped its update); stop after --max-bad-steps in a row."""
+    state, recipe = run.state, run.recipe
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        state.bad_steps_in_row = 0
+        return True
+    state.bad_steps_in_row += 1
+    state.skipped_steps += 1
+    if run.reporter:
+        run.reporter.message(f"step {state.step}: non-finite loss {loss} / grad norm {grad_norm}, update skipped "
+                             f"({state.bad_steps_in_row} in a row)")
+    if state.bad_steps_in_row >= recipe.max_bad_steps:
+        raise RuntimeError(f"{state.bad_steps_in_row} non-finite steps in a row (--max-bad-steps "
+                           f"{recipe.max_bad_steps}): lower --lr, raise --warmup-steps, or check the data; "
+                           f"the last good checkpoint is in {run.rundir / 'checkpoints'}")
+    return False
+
+
+def train_loop(run: Run) -> bool:
+    """Steps until max_steps or a stop signal (returns True if stopped), logging, evaluating, saving."""
+    recipe, state, reporter = run.recipe, run.state, run.reporter
+    losses, tokens_since, stopped = [], 0, False
     while state.step < recipe.max_steps and not stopped:
-        lr = schedule(state.step)
-        for group in engine.optimizer.param_groups:
+        lr = run.schedule(state.step)
+        for group in run.engine.optimizer.param_groups:
             group["lr"] = lr
-        loss, grad_norm, stopped = train_step(engine, data, state, global_batch, recipe, rank, world)
+        loss, grad_norm, stopped = train_step(run.engine, run.data, state, run.global_batch, recipe, run.rank,
+                                              run.world)
         state.step += 1
-        state.samples_consumed += global_batch
-        state.tokens_seen += global_batch * recipe.seq_len
-        tokens_since += global_batch * recipe.seq_len
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            state.bad_steps_in_row = 0
-            loss_sum, loss_count = loss_sum + loss, loss_count + 1
-        else:
-            state.bad_steps_in_row += 1
-            state.skipped_steps += 1
-            if reporter:
-                reporter.message(f"step {state.step}: non-finite loss {loss} / grad norm {grad_norm}, update skipped "
-                                 f"({state.bad_steps_in_row} in a row)")
-            if state.bad_steps_in_row >= recipe.max_bad_steps:
-                raise RuntimeError(f"{state.bad_steps_in_row} non-finite steps in a row (--max-bad-steps "
-                                   f"{recipe.max_bad_steps}): lower --lr, raise --warmup-steps, or check the data; "
-                                   f"the last good checkpoint is in {rundir / 'checkpoints'}")
+        state.samples_consumed += run.global_batch
+        state.tokens_seen += run.global_batch * recipe.seq_len
+        tokens_since += run.global_batch * recipe.seq_len
+        if guard(run, loss, grad_norm):
+            losses.append(loss)
+        last = state.step == recipe.max_steps
         if reporter:
             reporter.advance(state.step)
-            if state.step % recipe.log_interval == 0 or state.step == recipe.max_steps:
-                reporter.train(state.step, loss_sum / loss_count if loss_count else math.nan, lr, grad_norm, tokens_since,
-                               state.tokens_seen, state.samples_consumed, state.skipped_steps)
-                loss_sum, loss_count, tokens_since = 0.0, 0, 0
-        if n_val and (state.step % recipe.eval_interval == 0 or state.step == recipe.max_steps):
-            val_loss = evaluate(engine, val, n_val, recipe.micro_batch_size, recipe.seq_len, rank, world)
+            if state.step % recipe.log_interval == 0 or last:
+                reporter.train(state.step, sum(losses) / len(losses) if losses else math.nan, lr, grad_norm,
+                               tokens_since, state.tokens_seen, state.samples_consumed, state.skipped_steps)
+                losses, tokens_since = [], 0
+        if run.n_val and (state.step % recipe.eval_interval == 0 or last):
+            val_loss = evaluate(run.engine, run.val, run.n_val, recipe.micro_batch_size, recipe.seq_len, run.rank,
+                                run.world)
             if reporter:
                 reporter.validation(state.step, val_loss)
-        if stopped or state.step == recipe.max_steps or (recipe.save_interval and state.step % recipe.save_interval == 0):
-            ckpt.save(engine, rundir / "checkpoints", state, data.tokenizer_dir, recipe.keep_last)
+        if stopped or last or (recipe.save_interval and state.step % recipe.save_interval == 0):
+            ckpt.save(run.engine, run.rundir / "checkpoints", state, run.data.tokenizer_dir, recipe.keep_last)
             if reporter:
                 reporter.message(f"saved checkpoint {ckpt.step_tag(state.step)}" + (" (stop signal)" if stopped else ""))
+    return stopped
 
+
+def main(argv=None) -> int:
+    args, recipe = parse_args(argv)
+    rank, world, local_world = init_distributed()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: _stop_requested.append(signum))
+    run = setup(args, recipe, rank, world, local_world)
+    stopped = train_loop(run)
     if rank == 0:
-        reporter.close()
+        run.reporter.close()
         if not stopped:
-            finish(rundir, recipe)
-    engine.destroy()
+            finish(run.rundir, recipe)
+    run.engine.destroy()
     dist.barrier()
     dist.destroy_process_group()
     return 0
