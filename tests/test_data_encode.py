@@ -108,7 +108,7 @@ VIOLATIONS = {
         "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
         "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}),
     "character followed by": lambda s: add_pieces(s, [f"e{SPACE}"], ["e", SPACE]),
-    "builds a byte piece": lambda s: add_pieces(s, ["<0x4", "1>"], ["<0x4", "1>"]),
+    "can build a byte piece": lambda s: add_pieces(s, ["<0x4", "1>"], ["<0x4", "1>"]),
     "added token": lambda s: s["added_tokens"].append(
         {"id": 1 + max(s["model"]["vocab"].values()) + len(s["added_tokens"]), "content": "a b", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
          "special": True}),
