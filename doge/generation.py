@@ -5,6 +5,14 @@ more than the model itself at Doge sizes. `Decoder` keeps the per-token path sho
 q/k/v matmul and one fused gate/up matmul per layer (weights concatenated once, at start), keys,
 values and DMA biases written in place into preallocated buffers, and the DMA attention itself
 from `doge.dma` (so the sparse window applies once the context passes keep_window_size).
+
+Greedy decoding that fits in the window (prompt + new tokens <= keep_window_size) can also run as
+a *static* step: fixed shapes (attention over the whole preallocated cache, later positions masked
+out), position and token read from and written to device tensors, the next token chosen inside
+the step. On CUDA that step is captured once as a CUDA graph and replayed per token, so a token
+costs one graph launch instead of hundreds of kernel launches from Python (decoding a small model
+on a GPU is launch-bound). `Decoder(model, static="auto")` does this on CUDA; `static=True` runs
+the same step without a graph anywhere (how CPU tests check it gives the same tokens).
 """
 from __future__ import annotations
 
@@ -34,13 +42,23 @@ class _Layer:
             raise NotImplementedError("Decoder supports attention_bias=False (every Doge preset)")
 
 
-class Decoder:
-    """Greedy or sampled decoding for a `DogeForCausalLM`; prompt and output as (B, L) ids."""
+EOS_CHECK_EVERY = 16  # static decoding reads the tokens back (a device sync) this often to stop at EOS
 
-    def __init__(self, model: DogeForCausalLM):
+
+class Decoder:
+    """Greedy or sampled decoding for a `DogeForCausalLM`; prompt and output as (B, L) ids.
+
+    static: "auto" (static step + CUDA graph for greedy decoding on CUDA when it fits the window),
+    True (static step wherever it fits, no graph off CUDA) or False (always the eager step).
+    """
+
+    def __init__(self, model: DogeForCausalLM, static: bool | str = "auto"):
+        if static not in (True, False, "auto"):
+            raise ValueError(f"static={static!r}: choose True, False or 'auto'")
         self.model = model.eval()
         self.config = model.config
         self.dtype = model.dtype
+        self.static = static
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -53,6 +71,8 @@ class Decoder:
         out = torch.empty(batch, capacity, dtype=torch.long, device=device)
         out[:, :prompt_len] = input_ids
         logits = self._step(layers, input_ids, 0)
+        if temperature <= 0 and self._use_static(capacity, device):
+            return self._generate_static(layers, out, logits.argmax(-1), prompt_len, eos_token_id)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         for pos in range(prompt_len, capacity):
             token = self._pick(logits, temperature, generator)
@@ -75,16 +95,59 @@ class Decoder:
     def _step(self, layers, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Run `ids` (B, n) at positions start..start+n-1; return the last position's logits."""
         model = self.model.model
-        h = model.embed_tokens(ids)
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
-        cos, sin = model.rotary_emb(positions, h.dtype)
-        stop = start + ids.shape[1]
+        cos, sin = model.rotary_emb(positions, self.dtype)
+        return self._forward(layers, ids, cos, sin, slice(start, start + ids.shape[1]), None)
+
+    def _forward(self, layers, ids, cos, sin, at, key_mask):
+        h = self.model.model.embed_tokens(ids)
         for state in layers:
-            h = self._layer(state, h, cos, sin, start, stop)
-        return self.model.lm_head(model.norm(h[:, -1]))
+            h = self._layer(state, h, cos, sin, at, key_mask)
+        return self.model.lm_head(self.model.model.norm(h[:, -1]))
+
+    def _use_static(self, capacity: int, device) -> bool:
+        """The static step needs every position inside the window and a rope table that does not
+        change with the length (dynamic NTK rescales past max_position_embeddings)."""
+        if self.static is False or (self.static == "auto" and device.type != "cuda"):
+            return False
+        rope_fixed = (self.config.rope_parameters or {}).get("rope_type", "default") == "default" \
+            or capacity <= self.config.max_position_embeddings
+        return capacity <= self.config.keep_window_size and rope_fixed
+
+    def _generate_static(self, layers, out, first, prompt_len: int, eos_token_id: int | None):
+        """Greedy decoding with the static step, replayed as a CUDA graph on CUDA."""
+        batch, capacity = out.shape
+        device = out.device
+        out[:, prompt_len] = first
+        pos = torch.tensor([prompt_len], device=device)
+        token = first[:, None].clone()
+        positions = torch.arange(capacity, device=device)
+        cos_table, sin_table = self.model.model.rotary_emb(positions[None], self.dtype)
+
+        def step():
+            cos, sin = cos_table.index_select(1, pos), sin_table.index_select(1, pos)
+            key_mask = (positions <= pos).expand(batch, capacity)
+            nxt = self._forward(layers, token, cos, sin, pos, key_mask).argmax(-1)
+            out.index_copy_(1, pos + 1, nxt[:, None])
+            token.copy_(nxt[:, None])
+            pos.add_(1)
+
+        remaining, done = capacity - prompt_len - 1, 0  # tokens still to generate after `first`
+        run = step
+        if device.type == "cuda" and remaining:
+            run, done = _cuda_graph(step), 1  # capturing ran the first step
+        while done < remaining:
+            if eos_token_id is not None and done % EOS_CHECK_EVERY == 0 and \
+                    bool((out[:, prompt_len: prompt_len + done + 1] == eos_token_id).any(dim=1).all()):
+                break
+            run()
+            done += 1
+        return _cut_at_eos(out[:, : prompt_len + done + 1], prompt_len, eos_token_id)
 
     @staticmethod
-    def _layer(state: _Layer, h, cos, sin, start, stop):
+    def _layer(state: _Layer, h, cos, sin, at, key_mask):
+        """One decoder layer on new positions `at`: a slice (eager: attend to the cache up to its
+        end) or a (1,) position tensor (static: attend to the whole cache under `key_mask`)."""
         layer, attn = state.layer, state.attn
         batch, length, _ = h.shape
         q, k, v = F.linear(layer.input_layernorm(h), state.qkv).split(state.splits, dim=-1)
@@ -92,11 +155,11 @@ class Decoder:
         k = attn.k_norm(k.view(batch, length, -1, attn.head_dim)).transpose(1, 2)
         v = v.view(batch, length, -1, attn.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
-        state.keys[:, :, start:stop] = apply_rotary(k, cos, sin)
-        state.values[:, :, start:stop] = v
-        state.bias[:, :, start:stop] = dynamic_bias(v, attn.dt_proj, attn.A)
-        a = dma_attention(q, state.keys[:, :, :stop], state.values[:, :, :stop], state.bias[:, :, :stop],
-                          scaling=attn.scaling, keep_window=attn.keep_window_size)
+        keys = _write(state.keys, apply_rotary(k, cos, sin), at)
+        values = _write(state.values, v, at)
+        bias = _write(state.bias, dynamic_bias(v, attn.dt_proj, attn.A), at)
+        a = dma_attention(q, keys, values, bias, scaling=attn.scaling, keep_window=attn.keep_window_size,
+                          key_mask=key_mask)
         h = torch.addcmul(attn.o_proj(a.transpose(1, 2).reshape(batch, length, -1)), layer.input_residual, h)
         x = layer.post_attention_layernorm(h)
         if state.gate_up is None:
@@ -106,3 +169,36 @@ class Decoder:
             mlp_out = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         return torch.addcmul(mlp_out, layer.post_attention_residual, h)
 
+
+
+def _write(cache: torch.Tensor, new: torch.Tensor, at) -> torch.Tensor:
+    """Store `new` at positions `at` (dim 2) and return the part of the cache to attend to."""
+    if isinstance(at, slice):
+        cache[:, :, at] = new
+        return cache[:, :, : at.stop]
+    cache.index_copy_(2, at, new)
+    return cache
+
+
+def _cuda_graph(step):
+    """Run `step` once (warm-up on a side stream, as capture requires), capture it, return replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()  # recorded, not run: the state is still that after the warm-up step
+    return graph.replay
+
+
+def _cut_at_eos(out: torch.Tensor, prompt_len: int, eos_token_id: int | None) -> torch.Tensor:
+    """What the eager loop returns: EOS after each row's first EOS, cut where every row has ended."""
+    if eos_token_id is None:
+        return out
+    new = out[:, prompt_len:]
+    ended = (new == eos_token_id).cumsum(dim=1) > 0
+    out = torch.cat([out[:, :prompt_len], new.masked_fill(ended, eos_token_id)], dim=1)
+    all_ended = ended.all(dim=0).nonzero()
+    return out[:, : prompt_len + int(all_ended[0]) + 1] if len(all_ended) else out
