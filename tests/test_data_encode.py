@@ -3,8 +3,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest_data import PRETRAIN, TEXT_CORPORA, CODE_CORPUS, needs_corpora, reference_documents, reference_tokens, \
-    scratch, tokenizer_dir
+from conftest_data import (CODE_CORPUS, PRETRAIN, TEXT_CORPORA, needs_corpora, prepare_config, reference_documents,
+                           reference_tokens, scratch, tokenizer_dir)
 
 from doge.data import encode
 from doge.data.encode import DirectEncoder, MemoEncoder, make_encoder, why_not_memoised
@@ -31,15 +31,15 @@ def ids_of(encoder, texts, batch=512):
     return out
 
 
-def trained_json(path=None) -> str:
-    """tokenizer.json text of a trained tokenizer folder (the 1024-piece one by default)."""
-    return ((path or tokenizer_dir()) / "tokenizer.json").read_text(encoding="utf-8")
-
-
-def rust_ids(tokenizer_json: str, texts: list) -> list:
+def trained_backend(path=None):
+    """The Rust tokenizer of a trained tokenizer folder (the 1024-piece one by default)."""
     from tokenizers import Tokenizer
 
-    return [e.ids for e in Tokenizer.from_str(tokenizer_json).encode_batch(texts)]
+    return Tokenizer.from_file(str((path or tokenizer_dir()) / "tokenizer.json"))
+
+
+def rust_ids(backend, texts: list) -> list:
+    return [e.ids for e in backend.encode_batch(texts)]
 
 
 def corpus_documents() -> list:
@@ -50,13 +50,13 @@ def test_memoised_ids_are_the_tokenizers_on_every_document_and_edge_case():
     from transformers import AutoTokenizer
 
     docs, expected = reference_tokens()  # AutoTokenizer(docs), independent of prepare
-    encoder = make_encoder(trained_json())
-    assert isinstance(encoder, MemoEncoder), why_not_memoised(trained_json())
+    encoder = make_encoder(trained_backend())
+    assert isinstance(encoder, MemoEncoder), why_not_memoised(trained_backend())
     assert ids_of(encoder, docs) == expected
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
     mixed = EDGE_TEXTS + docs[:300] + EDGE_TEXTS
     assert ids_of(encoder, mixed, batch=37) == tok(mixed)["input_ids"]
-    assert ids_of(make_encoder(trained_json()), EDGE_TEXTS, batch=1) == tok(EDGE_TEXTS)["input_ids"]
+    assert ids_of(make_encoder(trained_backend()), EDGE_TEXTS, batch=1) == tok(EDGE_TEXTS)["input_ids"]
     edge_ids = tok(EDGE_TEXTS)["input_ids"]
     assert tok.convert_tokens_to_ids("<|im_start|>") in edge_ids[14]  # special tokens inside text
     assert any(tok.convert_ids_to_tokens(i).startswith("<0x") for i in edge_ids[12])  # byte fallback
@@ -72,11 +72,11 @@ def test_memoised_ids_with_the_production_vocabulary_and_a_memo_that_overflows(m
         train_tokenizer([str(PRETRAIN)], path, vocab_size=32768)
     docs = corpus_documents() + EDGE_TEXTS
     expected = AutoTokenizer.from_pretrained(str(path))(docs)["input_ids"]
-    encoder = make_encoder(trained_json(path))
+    encoder = make_encoder(trained_backend(path))
     assert isinstance(encoder, MemoEncoder) and ids_of(encoder, docs) == expected
     assert len(encoder.index) > 100_000  # natural text: far fewer distinct words than words
     monkeypatch.setattr(encode, "MAX_WORDS", 64)
-    small = make_encoder(trained_json(path))
+    small = make_encoder(trained_backend(path))
     for start in range(0, 1000, 8):
         batch = docs[start : start + 8]
         assert ids_of(small, batch) == expected[start : start + 8]
@@ -84,11 +84,13 @@ def test_memoised_ids_with_the_production_vocabulary_and_a_memo_that_overflows(m
         assert len(small.index) <= 64 or small.index.keys() == words
 
 
-def spec_variant(change) -> str:
-    """The trained tokenizer's tokenizer.json text, edited by `change(spec)`."""
-    spec = json.loads(trained_json())
+def spec_variant(change):
+    """The trained tokenizer with its tokenizer.json spec edited by `change(spec)`."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(trained_backend().to_str())
     change(spec)
-    return json.dumps(spec)
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def add_pieces(spec, pieces, merge):
@@ -145,13 +147,20 @@ def test_a_hub_style_byte_level_bpe_keeps_the_direct_path():
     docs = corpus_documents()[:2000]
     backend.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=600, show_progress=False,
                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    assert why_not_memoised(backend.to_str())
-    assert isinstance(make_encoder(backend.to_str()), DirectEncoder)
-    assert ids_of(make_encoder(backend.to_str()), docs[:300]) == [e.ids for e in backend.encode_batch(docs[:300])]
+    assert why_not_memoised(backend)
+    assert isinstance(make_encoder(backend), DirectEncoder)
+    assert ids_of(make_encoder(backend), docs[:300]) == [e.ids for e in backend.encode_batch(docs[:300])]
 
 
-def test_prepare_uses_the_memoised_encoder_for_a_trained_tokenizer():
-    from doge.data.prepare import _load_encoder
+def test_prepare_uses_the_memoised_encoder_for_a_trained_tokenizer(monkeypatch):
+    from doge.data import prepare as prepare_module
 
-    encoder, eos = _load_encoder(str(tokenizer_dir()))
-    assert isinstance(encoder, MemoEncoder) and eos == 2
+    used = []
+
+    def recording(backend):
+        used.append(make_encoder(backend))
+        return used[-1]
+
+    monkeypatch.setattr(prepare_module, "make_encoder", recording)
+    prepare_module.prepare(prepare_config([PRETRAIN / "tinyshakespeare.txt"], scratch() / "encoder-used"), progress_bar=False)
+    assert [type(e) for e in used] == [MemoEncoder]

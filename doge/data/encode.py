@@ -28,18 +28,17 @@ MAX_CHARS = 1 << 24
 PLAIN_BPE = ("dropout", "ignore_merges", "continuing_subword_prefix", "end_of_word_suffix")  # all must be off
 
 
-def make_encoder(tokenizer_json: str):
-    """The memoised encoder when it is provably exact for this tokenizer (tokenizer.json text)."""
-    return DirectEncoder(tokenizer_json) if why_not_memoised(tokenizer_json) else MemoEncoder(tokenizer_json)
+def make_encoder(backend):
+    """The memoised encoder when it is provably exact for `backend` (a tokenizers.Tokenizer, used
+    as it is: neither encoder changes it)."""
+    return DirectEncoder(backend) if why_not_memoised(backend) else MemoEncoder(backend)
 
 
 class DirectEncoder:
     """Each text through the Rust tokenizer as a whole."""
 
-    def __init__(self, tokenizer_json: str):
-        from tokenizers import Tokenizer
-
-        self.backend = Tokenizer.from_str(tokenizer_json)
+    def __init__(self, backend):
+        self.backend = backend
 
     def encode(self, texts: list, add_special_tokens: bool = True) -> tuple:
         """texts -> (all their ids concatenated as uint32, ids per text)."""
@@ -51,17 +50,14 @@ class DirectEncoder:
 class MemoEncoder:
     """Texts cut into words, each word's ids looked up, unseen words encoded in Rust once.
 
-    The normaliser (space -> `▁`) is applied in Python first, so the words are cut on the text
-    the model sees and the Rust side skips its slower normaliser. The memo is a dict word -> index
-    into flat numpy arrays, so putting a batch together is one vectorised gather.
+    Words are cut on the normalised text (space -> `▁`, what the model sees); unseen ones go back
+    to Rust with spaces restored, which normalises to the same text. The memo is a dict word ->
+    index into flat numpy arrays, so putting a batch together is one vectorised gather.
     """
 
-    def __init__(self, tokenizer_json: str):
-        from tokenizers import Tokenizer
-
-        self.backend = Tokenizer.from_str(tokenizer_json)
-        self.backend.normalizer = None
-        self.token_bytes = _token_bytes(self.backend)
+    def __init__(self, backend):
+        self.backend = backend
+        self.token_bytes = _token_bytes(backend)
         self._forget()
 
     def _forget(self) -> None:
@@ -100,7 +96,7 @@ class MemoEncoder:
             new, chars = words, sum(map(len, words))
         joinable, alone = list(new.difference(odd)), list(new.intersection(odd))
         texts = ["".join(joinable[i : i + WORDS_PER_TEXT]) for i in range(0, len(joinable), WORDS_PER_TEXT)] + alone
-        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        encodings = self.backend.encode_batch_fast([t.replace(SPACE, " ") for t in texts], add_special_tokens=False)
         ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.uint32)
         order = joinable + alone
         counts = _split_by_bytes(ids, self.token_bytes, np.fromiter(map(len, map(str.encode, order)), np.int64, len(order)))
@@ -131,26 +127,33 @@ def _token_bytes(backend) -> np.ndarray:
     return table
 
 
-def why_not_memoised(tokenizer_json: str) -> str:
+def why_not_memoised(backend) -> str:
     """'' when cutting texts before every `▁` that follows another character cannot change the
-    ids this tokenizer (tokenizer.json text) gives, else the first reason why not."""
-    spec = json.loads(tokenizer_json)
-    model, post = spec["model"], spec["post_processor"]
+    ids `backend` gives, else the first reason why not. Reads the live tokenizer's parts rather
+    than its JSON: parsing a 32k vocabulary's JSON costs more than the whole check."""
+    model, post = backend.model, _state(backend.post_processor)
+    bpe = type(model).__name__ == "BPE"
+    vocab = backend.get_vocab(with_added_tokens=False)
     checks = [
-        (spec["normalizer"] == {"type": "Replace", "pattern": {"String": " "}, "content": SPACE},
+        (_state(backend.normalizer) == {"type": "Replace", "pattern": {"String": " "}, "content": SPACE},
          "the normaliser is not exactly space -> \u2581"),
-        (spec["pre_tokenizer"] is None, "it has a pre-tokenizer"),
+        (backend.pre_tokenizer is None, "it has a pre-tokenizer"),
         (post is None or (post["type"] == "TemplateProcessing" and [list(x) for x in post["single"]] == [["Sequence"]]),
          "its post-processor adds tokens"),
-        (spec.get("truncation") is None and spec.get("padding") is None, "it truncates or pads"),
-        (model["type"] == "BPE" and model.get("byte_fallback") and not any(model.get(k) for k in PLAIN_BPE),
+        (backend.truncation is None and backend.padding is None, "it truncates or pads"),
+        (bpe and model.byte_fallback and not any(getattr(model, k) for k in PLAIN_BPE),
          "the model is not a plain byte-fallback BPE"),
-        (BYTE_PIECES <= model["vocab"].keys() and SPACE in model["vocab"], "byte pieces or \u2581 are missing"),
-        (not any(CHAR_THEN_SPACE.search(piece) for piece in model["vocab"]),
-         "a piece has a character followed by \u2581"),
-        (not any(b[:i] in model["vocab"] and b[i:] in model["vocab"] for b in BYTE_PIECES for i in range(1, len(b))),
+        (BYTE_PIECES <= vocab.keys() and SPACE in vocab, "byte pieces or \u2581 are missing"),
+        (not any(CHAR_THEN_SPACE.search(piece) for piece in vocab), "a piece has a character followed by \u2581"),
+        (not any(b[:i] in vocab and b[i:] in vocab for b in BYTE_PIECES for i in range(1, len(b))),
          "a merge can build a byte piece"),
-        (not any(" " in t["content"] or SPACE in t["content"] or t["lstrip"] or t["rstrip"] or t["single_word"]
-                 for t in spec["added_tokens"]), "an added token has a space or strips/matches whole words"),
+        (not any(" " in t.content or SPACE in t.content or t.lstrip or t.rstrip or t.single_word
+                 for t in backend.get_added_tokens_decoder().values()),
+         "an added token has a space or strips/matches whole words"),
     ]
     return next((reason for ok, reason in checks if not ok), "")
+
+
+def _state(part):
+    """A normaliser's or post-processor's own JSON, as a dict (None stays None)."""
+    return None if part is None else json.loads(part.__getstate__())

@@ -67,7 +67,7 @@ def prepare(cfg: PrepareConfig, progress_bar: bool = True) -> Path:
     layout = _layout(cfg, tok, chunks, described)
     state = _open_work(work, layout, tok)
     try:
-        _run(cfg, work, layout, chunks, state, progress_bar)
+        _run(cfg, work, layout, chunks, state, progress_bar, make_encoder(tok.backend_tokenizer))
     except DataError:
         shutil.rmtree(work, ignore_errors=True)  # bad input: a rerun would fail the same way
         raise
@@ -133,13 +133,14 @@ def _open_work(work: Path, layout: dict, tok) -> dict:
     return state
 
 
-def _run(cfg: PrepareConfig, work: Path, layout: dict, chunks, state: dict, progress_bar: bool) -> None:
+def _run(cfg: PrepareConfig, work: Path, layout: dict, chunks, state: dict, progress_bar: bool, encoder) -> None:
+    """Tokenize in forked workers (which inherit `encoder`), pack and commit in chunk order."""
     from tqdm import tqdm
 
     packer = Packer(work, layout, state)
     todo = range(state["chunk"], len(chunks))
     ctx = multiprocessing.get_context("fork")
-    init = (*_load_encoder(str(work / "tokenizer")), str(work / "tokenizer"), cfg.read, layout["dtype"], cfg.workers > 1)
+    init = (encoder, layout["tokenizer"]["eos_id"], str(work / "tokenizer"), cfg.read, layout["dtype"], cfg.workers > 1)
     with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init) as pool, tqdm(
         total=len(chunks), initial=state["chunk"], unit="chunk", desc="prepare", disable=not progress_bar
     ) as bar:
@@ -163,16 +164,6 @@ def _ordered(pool, func, items, window: int):
 
 # ----------------------------------------------------------------------------- workers
 _WORKER: dict = {}
-
-
-def _load_encoder(tokenizer_dir: str) -> tuple:
-    """(encoder, EOS id) of the saved Rust tokenizer, built once before the workers fork (which
-    inherit it): loading and checking the tokenizer costs about a third of a CPU-second."""
-    encoder = make_encoder(Path(tokenizer_dir, "tokenizer.json").read_text(encoding="utf-8"))
-    config = json.loads(Path(tokenizer_dir, "tokenizer_config.json").read_text())
-    eos = config["eos_token"]
-    eos = eos["content"] if isinstance(eos, dict) else eos
-    return encoder, encoder.backend.token_to_id(eos)
 
 
 def _init_worker(encoder, eos: int, tokenizer_dir: str, opts: ReadOptions, dtype: str, single_thread: bool) -> None:
