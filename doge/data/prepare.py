@@ -64,13 +64,19 @@ def prepare(cfg: PrepareConfig, progress_bar: bool = True) -> Path:
         raise DataError(f"{out} already exists; pass --overwrite to replace it or choose another --output")
     tok = load_tokenizer(cfg.tokenizer)
     chunks, described = plan_chunks(cfg.inputs, cfg.read, cfg.chunk_bytes or auto_chunk_bytes(cfg.inputs))
-    layout = _layout(cfg, tok, chunks, described)
-    state = _open_work(work, layout, tok)
-    try:
-        _run(cfg, work, layout, chunks, state, progress_bar, make_encoder(tok.backend_tokenizer))
-    except DataError:
-        shutil.rmtree(work, ignore_errors=True)  # bad input: a rerun would fail the same way
-        raise
+    # The workers start on the chunks after the resume point while the layout is hashed and
+    # checked (a third of a second); if the check fails, their results are dropped unread.
+    with _workers(cfg, tok) as pool:
+        start = _resume_chunk(work, len(chunks))
+        results = _ordered(pool, _tokenize_chunk, chunks[start:], 2 * cfg.workers)
+        layout = _layout(cfg, tok, chunks, described)
+        state = _open_work(work, layout, tok)
+        assert state["chunk"] == start, "progress.json changed while prepare read it"
+        try:
+            _pack(work, layout, chunks, state, results, progress_bar)
+        except DataError:
+            shutil.rmtree(work, ignore_errors=True)  # bad input: a rerun would fail the same way
+            raise
     _finish(cfg, work, out, layout, described, state)
     return out
 
@@ -114,6 +120,16 @@ def _layout(cfg: PrepareConfig, tok, chunks, described) -> dict:
     return layout
 
 
+def _resume_chunk(work: Path, n_chunks: int) -> int:
+    """Where an interrupted run left off, guessed before _open_work checks that it is this run:
+    0 when there is none, or when progress.json is unreadable or foreign (which _open_work rejects)."""
+    try:
+        chunk = json.loads((work / PROGRESS).read_text())["chunk"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return chunk if isinstance(chunk, int) and 0 <= chunk <= n_chunks else 0
+
+
 def _open_work(work: Path, layout: dict, tok) -> dict:
     """Fresh state, or the committed state of an interrupted run of the same layout."""
     progress = work / PROGRESS
@@ -133,18 +149,22 @@ def _open_work(work: Path, layout: dict, tok) -> dict:
     return state
 
 
-def _run(cfg: PrepareConfig, work: Path, layout: dict, chunks, state: dict, progress_bar: bool, encoder) -> None:
-    """Tokenize in forked workers (which inherit `encoder`), pack and commit in chunk order."""
+def _workers(cfg: PrepareConfig, tok):
+    """Forked tokenizing processes. They inherit the encoder, built once here, and `tok` itself
+    (for chat templates), so none of them loads or checks the tokenizer again."""
+    ctx = multiprocessing.get_context("fork")
+    init = (make_encoder(tok.backend_tokenizer), tok, tok.eos_token_id, cfg.read, shards.dtype_for_vocab(len(tok)),
+            cfg.workers > 1)
+    return ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init)
+
+
+def _pack(work: Path, layout: dict, chunks, state: dict, results, progress_bar: bool) -> None:
+    """Feed the workers' results to the packer in chunk order, then commit what is left."""
     from tqdm import tqdm
 
     packer = Packer(work, layout, state)
-    todo = range(state["chunk"], len(chunks))
-    ctx = multiprocessing.get_context("fork")
-    init = (encoder, layout["tokenizer"]["eos_id"], str(work / "tokenizer"), cfg.read, layout["dtype"], cfg.workers > 1)
-    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init) as pool, tqdm(
-        total=len(chunks), initial=state["chunk"], unit="chunk", desc="prepare", disable=not progress_bar
-    ) as bar:
-        for index, (tokens, stats) in zip(todo, _ordered(pool, _tokenize_chunk, (chunks[i] for i in todo), 2 * cfg.workers)):
+    with tqdm(total=len(chunks), initial=state["chunk"], unit="chunk", desc="prepare", disable=not progress_bar) as bar:
+        for index, (tokens, stats) in zip(range(state["chunk"], len(chunks)), results):
             packer.feed(index, chunks[index].source, tokens, stats)
             bar.update(1)
             bar.set_postfix(rows=packer.first_row + packer.buffered_rows(), refresh=False)
@@ -152,9 +172,14 @@ def _run(cfg: PrepareConfig, work: Path, layout: dict, chunks, state: dict, prog
 
 
 def _ordered(pool, func, items, window: int):
-    """Like pool.imap, but with at most `window` results in flight, so memory stays bounded."""
+    """Like pool.imap, but with at most `window` results in flight, so memory stays bounded.
+    The first `window` items are submitted at once, before any result is asked for."""
     items = iter(items)
     pending = deque(pool.apply_async(func, (item,)) for item in islice(items, window))
+    return _in_order(pool, func, items, pending)
+
+
+def _in_order(pool, func, items, pending: deque):
     while pending:
         result = pending.popleft().get()
         for item in islice(items, 1):
@@ -166,11 +191,11 @@ def _ordered(pool, func, items, window: int):
 _WORKER: dict = {}
 
 
-def _init_worker(encoder, eos: int, tokenizer_dir: str, opts: ReadOptions, dtype: str, single_thread: bool) -> None:
+def _init_worker(encoder, tok, eos: int, opts: ReadOptions, dtype: str, single_thread: bool) -> None:
     """One tokenizer thread per worker when there are several workers."""
     if single_thread:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(encoder=encoder, eos=eos, dir=tokenizer_dir, opts=opts, dtype=np.dtype(dtype))
+    _WORKER.update(encoder=encoder, tok=tok, eos=eos, opts=opts, dtype=np.dtype(dtype))
 
 
 def _tokenize_chunk(chunk):
@@ -201,10 +226,8 @@ def _encode(docs: list) -> np.ndarray:
 
 def _render_chat(parts: tuple) -> str:
     """(prompt, answer) -> the tokenizer's chat template text (user turn, assistant turn)."""
-    if "chat" not in _WORKER:
-        _WORKER["chat"] = load_tokenizer(_WORKER["dir"])
     messages = [{"role": "user", "content": parts[0]}, {"role": "assistant", "content": parts[1]}]
-    return _WORKER["chat"].apply_chat_template(messages, tokenize=False)
+    return _WORKER["tok"].apply_chat_template(messages, tokenize=False)
 
 
 # ----------------------------------------------------------------------------- packing
