@@ -23,8 +23,8 @@ WORD = re.compile(f"{SPACE}*[^{SPACE}]+|{SPACE}+")
 CHAR_THEN_SPACE = re.compile(f"[^{SPACE}]{SPACE}")
 BYTE_PIECES = frozenset(f"<0x{b:02X}>" for b in range(256))
 WORDS_PER_TEXT = 256  # unseen words encoded per string: the Rust per-call cost dominates single words
-MAX_WORDS = 1 << 18  # memo bounds per worker (~50 MB); it starts afresh when a batch would exceed one
-MAX_CHARS = 1 << 24
+MAX_WORDS = 1 << 18  # memo bounds per worker (~190 B a word: ~50 MB); it starts afresh when a batch
+MAX_CHARS = 1 << 24  # would exceed one (the second caps long words: code, URLs)
 PLAIN_BPE = ("dropout", "ignore_merges", "continuing_subword_prefix", "end_of_word_suffix")  # all must be off
 
 
