@@ -15,11 +15,17 @@ extra q/k dimension, q' = [q, 1/scaling], k' = [k, bias], so q'.k' * scaling = q
 and SDPA's fused causal kernel runs; the bias still gets its gradient through k'. q/k/v are padded
 to a multiple of 8 so the fused CPU kernel accepts them.
 
-Sparse path (more visible keys than the window): queries are processed in chunks of
-QUERY_CHUNK; each chunk builds a boolean (chunk x keys) mask of the keys it keeps, so peak memory
-is O(L * QUERY_CHUNK) per head, linear in L, never O(L^2).
+Sparse path (more visible keys than the window): the bias depends on the key only, so every
+query ranks the keys the same way and query i keeps the keys whose rank is within the
+`keep_window` best of keys 0..i. That cut-off is a running order statistic: one pass over the keys
+with a heap of the `keep_window` best ranks gives every query's cut-off in O(L log keep_window).
+Queries are then processed in chunks of QUERY_CHUNK; each chunk's boolean (chunk x keys) keep
+mask is one comparison with its cut-offs, so peak memory is O(L * QUERY_CHUNK) per head, linear in
+L, never O(L^2).
 """
 from __future__ import annotations
+
+import heapq
 
 import torch
 import torch.nn.functional as F
@@ -65,13 +71,30 @@ def key_ranks(bias: torch.Tensor) -> torch.Tensor:
     return ranks.scatter_(-1, positions, arange).float()
 
 
-def kept_keys(ranks: torch.Tensor, visible: torch.Tensor, keep_window: int) -> torch.Tensor:
-    """Boolean mask of the keys each query keeps: its `keep_window` best-ranked visible keys."""
-    masked = ranks[:, :, None, :].masked_fill(~visible, float("inf"))
-    if masked.shape[-1] <= keep_window:
-        return visible.expand_as(masked)
-    threshold = masked.kthvalue(keep_window, dim=-1, keepdim=True).values
-    return visible & (masked <= threshold)
+def rank_cutoffs(ranks: torch.Tensor, key_mask: torch.Tensor | None, keep_window: int) -> torch.Tensor:
+    """(B, Hkv, L) cut-offs: [..., i] is the keep_window-th smallest rank among the real keys
+    0..i (inf while fewer are visible), so query i keeps exactly the visible keys ranked <= it.
+
+    A max-heap of the keep_window best ranks seen so far, one pass per (batch, head) row on the
+    host (ranks are a permutation, so there are no ties to break here)."""
+    batch, heads, length = ranks.shape
+    rows = ranks.detach().float().cpu().tolist()
+    real = key_mask.bool().cpu().tolist() if key_mask is not None else [[True] * length] * batch
+    cutoffs = torch.full((batch, heads, length), float("inf"))
+    for b in range(batch):
+        for h in range(heads):
+            best: list[float] = []  # negated ranks: best[0] is minus the cut-off
+            row_cut = cutoffs[b, h].tolist()
+            for i, (rank, is_real) in enumerate(zip(rows[b][h], real[b][:length])):
+                if is_real:
+                    if len(best) < keep_window:
+                        heapq.heappush(best, -rank)
+                    elif -rank > best[0]:
+                        heapq.heapreplace(best, -rank)
+                if len(best) == keep_window:
+                    row_cut[i] = -best[0]
+            cutoffs[b, h] = torch.tensor(row_cut)
+    return cutoffs.to(ranks.device)
 
 
 def _sdpa(q, k, v, scaling, **kwargs):
@@ -105,18 +128,36 @@ def dma_attention(q, k, v, bias, *, scaling: float, keep_window: int,
 
 
 def _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask):
-    """Chunk over queries; each chunk sees only keys up to its last position."""
+    """Chunk over queries; each chunk attends only to the keys some query of it keeps."""
     q_len, k_len = qf.shape[2], kf.shape[2]
     groups = qf.shape[1] // kf.shape[1]
     ranks = key_ranks(bias.detach())
+    cutoffs = rank_cutoffs(ranks, key_mask, keep_window)
+    real = key_mask[:, None, :k_len].bool() if key_mask is not None else None
     outs = []
     for start in range(0, q_len, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, q_len)
-        last = k_len - q_len + stop  # keys beyond this are invisible to the whole chunk
-        visible = visible_keys(stop - start, last, key_mask, qf.device)
-        keep = kept_keys(ranks[..., :last], visible, keep_window)
+        first, last = k_len - q_len + start, k_len - q_len + stop  # the chunk's query positions
+        index, keep = _chunk_keys(ranks[..., :last], cutoffs[..., first:last], real, first)
+        keys, values = (t.gather(2, index[..., None].expand(-1, -1, -1, t.shape[-1])) for t in (kf, vf))
         if groups > 1:
             keep = keep.repeat_interleave(groups, dim=1)
-        outs.append(_sdpa(qf[:, :, start:stop], kf[:, :, :last], vf[:, :, :last], scaling,
-                          attn_mask=keep))
+        outs.append(_sdpa(qf[:, :, start:stop], keys, values, scaling, attn_mask=keep))
     return torch.cat(outs, dim=2)
+
+
+def _chunk_keys(ranks, cutoffs, real, first: int):
+    """Positions (B, Hkv, N) of the keys kept by any query of a chunk, and the (B, Hkv, n, N) mask
+    of which query keeps which. Cut-offs only tighten along the sequence, so the chunk's first
+    query's cut-off bounds them all: N <= keep_window + chunk, whatever the context length."""
+    last = ranks.shape[-1]
+    union = ranks <= cutoffs[..., :1]
+    if real is not None:
+        union = union & real[..., :last]
+    count = int(union.sum(-1).max())
+    index = torch.sort((~union).to(torch.uint8), dim=-1, stable=True).indices[..., :count]
+    kept_ranks, in_union = ranks.gather(-1, index), union.gather(-1, index)
+    queries = torch.arange(first, first + cutoffs.shape[-1], device=ranks.device)
+    keep = (in_union[:, :, None, :] & (kept_ranks[:, :, None, :] <= cutoffs[..., None])
+            & (index[:, :, None, :] <= queries[:, None]))
+    return index, keep
