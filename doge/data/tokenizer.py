@@ -107,6 +107,7 @@ def _to_transformers(model_file: Path):
     backend.normalizer = normalizers.Replace(" ", "\u2581")
     # No pre-tokenizer: sentencepiece never learned a merge across a word start, so BPE over the
     # whole text gives the per-word result, faster (measured: ~1.7x) than splitting first.
+    # prepare memoises per word on the same fact (doge/data/encode.py checks it on each tokenizer).
     backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS.values()])
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in CHAT_TOKENS])
