@@ -11,10 +11,11 @@ and so does this command. A signal delivered to the whole process group (a termi
 
     python -m doge.launch [deepspeed flags] doge/train.py --deepspeed ds_configs/zero2.json ...
 
-Every argument goes to `deepspeed` unchanged (`python -m doge.launch --help` shows its flags).
-Each rank is sent the request once, as soon as its handler is installed (a rank still starting up
-ignores SIGUSR1 until then, and one already past its Python shutdown would die of it). Multi-node: start one launcher per node (e.g. under srun)
-and signal each; ranks reached through pdsh/ssh are out of this process's reach.
+Every argument goes to `deepspeed` unchanged (its flags follow below with --help). Each rank is
+sent the request once, as soon as its handler is installed (a rank still starting up ignores
+SIGUSR1 until then, and one already past its Python shutdown would die of it). Multi-node: start
+one launcher per node (e.g. under srun) and signal each; ranks reached through pdsh/ssh are out
+of this process's reach.
 """
 from __future__ import annotations
 
