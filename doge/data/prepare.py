@@ -180,6 +180,7 @@ def _ordered(pool, func, items, window: int):
 
 
 def _in_order(pool, func, items, pending: deque):
+    """Yield results in submission order, topping the window up by one as each arrives."""
     while pending:
         result = pending.popleft().get()
         for item in islice(items, 1):
