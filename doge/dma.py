@@ -19,9 +19,10 @@ Sparse path (more visible keys than the window): the bias depends on the key onl
 query ranks the keys the same way and query i keeps the keys whose rank is within the
 `keep_window` best of keys 0..i. That cut-off is a running order statistic: one pass over the keys
 with a heap of the `keep_window` best ranks gives every query's cut-off in O(L log keep_window).
-Queries are then processed in chunks of QUERY_CHUNK; each chunk's boolean (chunk x keys) keep
-mask is one comparison with its cut-offs, so peak memory is O(L * QUERY_CHUNK) per head, linear in
-L, never O(L^2).
+Queries are then processed in chunks of QUERY_CHUNK. Cut-offs only tighten along the sequence, so
+the keys any query of a chunk keeps are at most keep_window + QUERY_CHUNK; the chunk gathers just
+those and attends to them under a (chunk x gathered keys) boolean mask. Compute and peak memory
+per head grow as O(L * keep_window), never O(L^2).
 """
 from __future__ import annotations
 
@@ -79,22 +80,23 @@ def rank_cutoffs(ranks: torch.Tensor, key_mask: torch.Tensor | None, keep_window
     host (ranks are a permutation, so there are no ties to break here)."""
     batch, heads, length = ranks.shape
     rows = ranks.detach().float().cpu().tolist()
-    real = key_mask.bool().cpu().tolist() if key_mask is not None else [[True] * length] * batch
-    cutoffs = torch.full((batch, heads, length), float("inf"))
-    for b in range(batch):
-        for h in range(heads):
-            best: list[float] = []  # negated ranks: best[0] is minus the cut-off
-            row_cut = cutoffs[b, h].tolist()
-            for i, (rank, is_real) in enumerate(zip(rows[b][h], real[b][:length])):
-                if is_real:
-                    if len(best) < keep_window:
-                        heapq.heappush(best, -rank)
-                    elif -rank > best[0]:
-                        heapq.heapreplace(best, -rank)
-                if len(best) == keep_window:
-                    row_cut[i] = -best[0]
-            cutoffs[b, h] = torch.tensor(row_cut)
-    return cutoffs.to(ranks.device)
+    real = key_mask[:, :length].bool().cpu().tolist() if key_mask is not None else [[True] * length] * batch
+    cutoffs = [[_running_cutoff(rows[b][h], real[b], keep_window) for h in range(heads)] for b in range(batch)]
+    return torch.tensor(cutoffs, device=ranks.device)
+
+
+def _running_cutoff(ranks: list, real: list, k: int) -> list:
+    """[i] = the k-th smallest of the real ranks[:i + 1] (inf while fewer than k)."""
+    best: list[float] = []  # a max-heap (negated) of the k smallest ranks so far
+    out = []
+    for rank, is_real in zip(ranks, real):
+        if is_real:
+            if len(best) < k:
+                heapq.heappush(best, -rank)
+            elif -rank > best[0]:
+                heapq.heapreplace(best, -rank)
+        out.append(-best[0] if len(best) == k else float("inf"))
+    return out
 
 
 def _sdpa(q, k, v, scaling, **kwargs):

@@ -170,7 +170,6 @@ class Decoder:
         return torch.addcmul(mlp_out, layer.post_attention_residual, h)
 
 
-
 def _write(cache: torch.Tensor, new: torch.Tensor, at) -> torch.Tensor:
     """Store `new` at positions `at` (dim 2) and return the part of the cache to attend to."""
     if isinstance(at, slice):
