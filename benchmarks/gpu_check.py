@@ -20,7 +20,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_speed import build_pair  # noqa: E402
 
-from doge.generation import Decoder  # noqa: E402
+from doge.model.generation import Decoder  # noqa: E402
 
 PEAK_BF16_FLOPS = 790e12  # measured 8192^3 bf16 matmul on the lent H100/H200 (notes/gpu-device.md)
 

@@ -24,7 +24,7 @@ import torch
 import transformers
 
 from doge import DogeConfig, DogeForCausalLM
-from doge.generation import Decoder
+from doge.model.generation import Decoder
 
 
 def build_pair(preset: str, seed: int = 0, **overrides):

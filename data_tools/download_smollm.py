@@ -21,7 +21,6 @@ import logging
 import sys
 from pathlib import Path
 
-
 SOURCES = {
     "fineweb-edu-dedup": ("HuggingFaceTB/smollm-corpus", "fineweb-edu-dedup"),
     "cosmopedia-v2": ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2"),

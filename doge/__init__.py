@@ -8,12 +8,12 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "DogeConfig": "doge.configuration",
-    "PRESETS": "doge.configuration",
-    "MOE_RECIPES": "doge.configuration",
-    "DogeForCausalLM": "doge.modeling",
-    "DogeModel": "doge.modeling",
-    "DogePreTrainedModel": "doge.modeling",
+    "DogeConfig": "doge.model.configuration",
+    "PRESETS": "doge.model.configuration",
+    "MOE_RECIPES": "doge.model.configuration",
+    "DogeForCausalLM": "doge.model.modeling",
+    "DogeModel": "doge.model.modeling",
+    "DogePreTrainedModel": "doge.model.modeling",
 }
 
 __all__ = list(_LAZY)

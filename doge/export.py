@@ -15,8 +15,8 @@ from pathlib import Path
 
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from doge import DogeConfig, DogeForCausalLM
-from doge.checkpoint import STATE_FILE, TMP_PREFIX, TrainerState
+from doge import DogeConfig, DogeForCausalLM, atomic
+from doge.training.checkpoint import STATE_FILE, TrainerState
 
 
 def export(ckpt: Path, outdir: Path, replace: bool = False) -> Path:
@@ -34,19 +34,11 @@ def export(ckpt: Path, outdir: Path, replace: bool = False) -> Path:
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"{ckpt}: weights do not match the model config: missing {missing}, unexpected {unexpected}")
-    tmp = outdir.with_name(TMP_PREFIX + outdir.name)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = atomic.fresh_staging_dir(outdir)
     model.save_pretrained(tmp)
     if (ckpt / "tokenizer").is_dir():
         shutil.copytree(ckpt / "tokenizer", tmp, dirs_exist_ok=True)
-    if outdir.exists():
-        old = outdir.with_name(TMP_PREFIX + "old-" + outdir.name)
-        outdir.rename(old)
-        tmp.rename(outdir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(outdir)
-    return outdir
+    return atomic.publish_dir(tmp, outdir, replace=True)
 
 
 def main(argv=None) -> int:

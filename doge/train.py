@@ -28,12 +28,12 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from doge import DogeConfig, DogeForCausalLM
-from doge import checkpoint as ckpt
 from doge.data import DataError, open_pretrain_data
-from doge.ds_config import fill as fill_ds_config
-from doge.metrics import Reporter, device_peak_flops, flops_per_token, start_wandb
-from doge.recipe import Recipe, add_recipe_flags, load_recipe
-from doge.schedule import WSD
+from doge.training import checkpoint as ckpt
+from doge.training.ds_config import fill as fill_ds_config
+from doge.training.metrics import Reporter, device_peak_flops, flops_per_token, start_wandb
+from doge.training.recipe import Recipe, add_recipe_flags, load_recipe
+from doge.training.schedule import WSD
 
 
 class ConfigError(ValueError):

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from doge.configuration import DogeConfig
-from doge.modeling import DogeForCausalLM
+from doge import atomic
+from doge.model.configuration import DogeConfig
+from doge.model.modeling import DogeForCausalLM
 
 NEW_PARAMETERS = ("router_gate", "down_embed", "up_embed")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -56,13 +57,12 @@ def main(argv=None) -> None:
     if args.out_dir.exists():
         parser.error(f"{args.out_dir} exists; choose a new output folder so nothing is overwritten")
     moe = upcycle(DogeForCausalLM.from_pretrained(args.dense_dir), args.num_experts, args.top_k)
-    tmp = args.out_dir.with_name(args.out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = atomic.fresh_staging_dir(args.out_dir)
     moe.save_pretrained(tmp)
     for name in TOKENIZER_FILES:
         if (args.dense_dir / name).exists():
             shutil.copy2(args.dense_dir / name, tmp / name)
-    tmp.rename(args.out_dir)
+    atomic.publish_dir(tmp, args.out_dir)
     print(f"wrote {args.out_dir}: {args.num_experts} experts, top-{args.top_k}, "
           f"{sum(p.numel() for p in moe.parameters()) / 1e6:.1f}M parameters")
 

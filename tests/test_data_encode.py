@@ -3,8 +3,17 @@ import json
 
 import numpy as np
 import pytest
-from conftest_data import (CODE_CORPUS, PRETRAIN, TEXT_CORPORA, needs_corpora, prepare_config, reference_documents,
-                           reference_tokens, scratch, tokenizer_dir)
+from conftest_data import (
+    CODE_CORPUS,
+    PRETRAIN,
+    TEXT_CORPORA,
+    needs_corpora,
+    prepare_config,
+    reference_documents,
+    reference_tokens,
+    scratch,
+    tokenizer_dir,
+)
 
 from doge.data import encode
 from doge.data.encode import DirectEncoder, MemoEncoder, make_encoder, why_not_memoised
@@ -64,8 +73,9 @@ def test_memoised_ids_are_the_tokenizers_on_every_document_and_edge_case():
 
 def test_memoised_ids_with_the_production_vocabulary_and_a_memo_that_overflows(monkeypatch):
     """32768 pieces (long words, whitespace runs) and a memo of 64 words that is forgotten often."""
-    from doge.data.tokenizer import train_tokenizer
     from transformers import AutoTokenizer
+
+    from doge.data.tokenizer import train_tokenizer
 
     path = scratch() / "tokenizer-32k"
     if not path.exists():

@@ -2,8 +2,16 @@
 import numpy as np
 import pytest
 import torch
-from conftest_data import (CODE_CORPUS, SEQ_LEN, TEXT_CORPORA, needs_corpora, prepared_all, prepared_each,
-                           read_manifest, shard_rows)
+from conftest_data import (
+    CODE_CORPUS,
+    SEQ_LEN,
+    TEXT_CORPORA,
+    needs_corpora,
+    prepared_all,
+    prepared_each,
+    read_manifest,
+    shard_rows,
+)
 
 from doge.data import DataError, open_pretrain_data
 from doge.data.mixture import integer_weights, max_window_error

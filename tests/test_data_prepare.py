@@ -8,9 +8,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest_data import (CODE_CORPUS, PRETRAIN, SEQ_LEN, TEXT_CORPORA, needs_corpora, prepare_config, prepared_all,
-                           read_manifest, reference_documents, reference_tokens, scratch, shard_rows,
-                           tokenizer_dir)
+from conftest_data import (
+    CODE_CORPUS,
+    PRETRAIN,
+    SEQ_LEN,
+    TEXT_CORPORA,
+    needs_corpora,
+    prepare_config,
+    prepared_all,
+    read_manifest,
+    reference_documents,
+    reference_tokens,
+    scratch,
+    shard_rows,
+    tokenizer_dir,
+)
 
 from doge.data import shards
 from doge.data.prepare import prepare

@@ -4,7 +4,7 @@ import torch
 from conftest import randomize_extras, stock_twin, tiny_config
 
 from doge import DogeForCausalLM
-from doge.generation import Decoder
+from doge.model.generation import Decoder
 
 CASES = {
     "dense": {},

@@ -8,7 +8,7 @@ import transformers
 from conftest import distinct_tokens, tiny_config
 
 from doge import DogeForCausalLM
-from doge.cdmoe import load_balancing_loss
+from doge.model.cdmoe import load_balancing_loss
 from doge.upcycle import NEW_PARAMETERS, upcycle
 
 MOE = dict(is_moe=True, num_experts=64, num_experts_per_tok=8)
@@ -117,7 +117,7 @@ def test_upcycle_rejects_non_square_expert_count():
 def test_fused_loss_matches_hf_loss_and_gradients(autocast):
     """skip_logits=True (chunked fused LM head + cross-entropy) gives HF's loss and gradients.
 
-    On CPU the fused head computes in float32 even under bf16 autocast (doge/loss.py says why),
+    On CPU the fused head computes in float32 even under bf16 autocast (doge/model/loss.py says why),
     so the reference is HF's loss on float32 logits of the same autocast body."""
     from transformers.loss.loss_utils import ForCausalLMLoss
     torch.manual_seed(16)

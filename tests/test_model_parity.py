@@ -4,7 +4,7 @@ import torch
 import transformers
 from conftest import distinct_tokens
 
-import doge.dma
+import doge.model.dma
 from doge import DogeForCausalLM
 
 
@@ -26,7 +26,7 @@ def test_dense_logits_match_stock_sdpa_backend(pair):
 @pytest.mark.parametrize("query_chunk", [512, 16], ids=["one-chunk", "many-chunks"])
 def test_sparse_path_logits_match_stock(pair, monkeypatch, query_chunk):
     """Sequence longer than keep_window_size: each query keeps its top-k visible keys."""
-    monkeypatch.setattr(doge.dma, "QUERY_CHUNK", query_chunk)
+    monkeypatch.setattr(doge.model.dma, "QUERY_CHUNK", query_chunk)
     ours, stock = pair(seed=3, keep_window_size=24)
     x = distinct_tokens(2, 100, 256, seed=3)
     with torch.no_grad():

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from doge.schedule import WSD
+from doge.training.schedule import WSD
 
 
 def expected(step, peak, warmup, decay, total, shape, ratio, decay_start=None):

@@ -1,10 +1,10 @@
 """Acceptance 6: continue from a stable-phase checkpoint with a new schedule on new data, into a
 new RUNDIR; the source run stays byte-for-byte unchanged."""
 import pytest
-
 import train_harness as h
-from doge.checkpoint import TrainerState, find_latest
-from doge.schedule import WSD
+
+from doge.training.checkpoint import TrainerState, find_latest
+from doge.training.schedule import WSD
 
 pytestmark = pytest.mark.slow
 

@@ -3,8 +3,8 @@ and without ../shared it still finds a corpus in Python's own documentation and 
 import sys
 
 import pytest
-
 import train_harness as h
+
 from doge.demo import build_corpus
 
 

@@ -3,7 +3,6 @@ message naming the field and the fix, and leave the run folder untouched."""
 import sys
 
 import pytest
-
 import train_harness as h
 
 pytestmark = pytest.mark.slow

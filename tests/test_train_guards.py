@@ -3,7 +3,6 @@ in a row stop the run with a message naming the fix. The NaN is injected into th
 steps 5 and 6 (DOGE_FAULT_NAN_STEPS), so DeepSpeed's own overflow handling is what is tested."""
 import pytest
 import torch
-
 import train_harness as h
 
 pytestmark = pytest.mark.slow

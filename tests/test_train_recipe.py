@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from doge.ds_config import fill
-from doge.recipe import Recipe, add_recipe_flags, load_recipe
+from doge.training.ds_config import fill
+from doge.training.recipe import Recipe, add_recipe_flags, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

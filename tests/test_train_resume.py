@@ -5,10 +5,10 @@ import json
 import random
 
 import pytest
-
 import train_harness as h
-from doge.checkpoint import find_latest
-from doge.schedule import WSD
+
+from doge.training.checkpoint import find_latest
+from doge.training.schedule import WSD
 
 pytestmark = pytest.mark.slow
 

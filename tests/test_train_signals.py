@@ -8,9 +8,9 @@ import time
 
 import psutil
 import pytest
-
 import train_harness as h
-from doge.checkpoint import TrainerState, find_latest
+
+from doge.training.checkpoint import TrainerState, find_latest
 
 pytestmark = pytest.mark.slow
 

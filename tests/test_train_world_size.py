@@ -4,7 +4,6 @@ the uninterrupted run's samples."""
 import shutil
 
 import pytest
-
 import train_harness as h
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from doge import atomic
 from doge.data import shards
-from doge.data.atomic import write_json_atomic
 from doge.data.encode import make_encoder
 from doge.data.errors import DataError
 from doge.data.sources import STAT_KEYS, ReadOptions, Stats, plan_chunks, read_chunk, resolve_files
@@ -145,7 +145,7 @@ def _open_work(work: Path, layout: dict, tok) -> dict:
     tok.save_pretrained(work / "tokenizer")
     state = {"layout": layout["id"], "next_row": 0, "chunk": 0, "chunk_token_start": 0, "offset": 0,
              "sources": {}, "train": [], "val": []}
-    write_json_atomic(progress, state)
+    atomic.write_json(progress, state)
     return state
 
 
@@ -313,7 +313,7 @@ class Packer:
             index, start = self.fed[0][0], self.fed[0][1]
             self.state.update(chunk=index, chunk_token_start=start, offset=position - start)
         self.state["next_row"] = self.first_row
-        write_json_atomic(self.work / PROGRESS, self.state)
+        atomic.write_json(self.work / PROGRESS, self.state)
 
     def _add_stats(self, source: int, stats: Stats) -> None:
         total = self.state["sources"].setdefault(str(source), dict.fromkeys(STAT_KEYS, 0))
@@ -351,8 +351,6 @@ def _finish(cfg: PrepareConfig, work: Path, out: Path, layout: dict, described, 
         for key, text in NOTICES.items():
             if source[key]:
                 log.warning("%s: %s (counted in manifest.json sources[].%s)", source["spec"], text.format(source[key]), key)
-    write_json_atomic(work / shards.MANIFEST, manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work, out)
+    atomic.write_json(work / shards.MANIFEST, manifest)
+    atomic.publish_dir(work, out, replace=True)
     (out / PROGRESS).unlink()  # after the rename: a kill in between leaves a complete DATADIR

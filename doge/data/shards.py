@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from doge.data.atomic import write_bytes_atomic
+from doge import atomic
 from doge.data.errors import DataError
 
 FORMAT = "doge-packed-shards"
@@ -68,7 +68,7 @@ def encode_shard(rows: np.ndarray) -> bytes:
 def write_shard(directory: Path, name: str, rows: np.ndarray, tokens: int) -> dict:
     """Write one shard atomically; return its manifest entry."""
     data = encode_shard(rows)
-    write_bytes_atomic(Path(directory) / name, data)
+    atomic.write_bytes(Path(directory) / name, data)
     return {
         "file": name,
         "rows": int(rows.shape[0]),

@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from doge import atomic
 from doge.data.errors import DataError
 from doge.data.sources import ReadOptions, iter_documents
 
@@ -72,11 +73,11 @@ def train_tokenizer(
         except RuntimeError as exc:
             raise DataError(f"sentencepiece training on {', '.join(inputs)} failed: {exc}; "
                             "a smaller --vocab-size or more text usually fixes it") from exc
-        staged = Path(tmp) / "tokenizer"
+        staged = atomic.fresh_staging_dir(output)
         _to_transformers(Path(tmp) / "spm.model").save_pretrained(staged)
         if output.exists():
             raise DataError(f"{output} appeared while training; remove it or pick another --output")
-        os.replace(staged, output)
+        atomic.publish_dir(staged, output)
     return output
 
 

@@ -4,7 +4,7 @@
 more than the model itself at Doge sizes. `Decoder` keeps the per-token path short: one fused
 q/k/v matmul and one fused gate/up matmul per layer (weights concatenated once, at start), keys,
 values and DMA biases written in place into preallocated buffers, and the DMA attention itself
-from `doge.dma` (so the sparse window applies once the context passes keep_window_size).
+from `doge.model.dma` (so the sparse window applies once the context passes keep_window_size).
 
 Greedy decoding that fits in the window (prompt + new tokens <= keep_window_size) can also run as
 a *static* step: fixed shapes (attention over the whole preallocated cache, later positions masked
@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from doge.dma import dma_attention, dynamic_bias
-from doge.modeling import DogeForCausalLM
-from doge.rope import apply_rotary
+from doge.model.dma import dma_attention, dynamic_bias
+from doge.model.modeling import DogeForCausalLM
+from doge.model.rope import apply_rotary
 
 
 class _Layer:

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from doge import atomic
+from doge.atomic import TMP_PREFIX
+
 STATE_FILE = "trainer_state.json"
-TMP_PREFIX = ".tmp-"
 SLOW_SAVE_ENV = "DOGE_FAULT_SLOW_SAVE"  # fault injection for tests: "STEP:SECONDS" sleeps inside that save
 
 
@@ -62,23 +64,6 @@ def _barrier():
         dist.barrier()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(TMP_PREFIX + path.name)
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -106,10 +91,10 @@ def save(engine, root: Path, state: TrainerState, tokenizer_dir: str | None, kee
     """Collective: every rank calls it. Returns the completed checkpoint folder."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = step_tag(state.step)
-    tmp, final = root / (TMP_PREFIX + tag), root / tag
+    final = root / tag
+    tmp = atomic.staging_path(final)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
+        atomic.fresh_staging_dir(final)
     _barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
     (tmp / "rng").mkdir(parents=True, exist_ok=True)
@@ -119,12 +104,10 @@ def save(engine, root: Path, state: TrainerState, tokenizer_dir: str | None, kee
     if rank == 0:
         if tokenizer_dir:
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        atomic.write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=1))
         _injected_delay(state.step)
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / "latest", tag + "\n")
+        atomic.publish_dir(tmp, final)
+        atomic.write_text(root / "latest", tag + "\n")
         prune(root, keep_last)
     _barrier()
     return final
@@ -168,14 +151,11 @@ def to_universal(ckpt: Path, out_root: Path) -> Path:
     out = out_root / ckpt.name
     if out.is_dir():
         return out
-    tmp = out_root / (TMP_PREFIX + ckpt.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = atomic.fresh_staging_dir(out)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
            "--num_merge_workers", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"universal conversion of {ckpt} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    os.rename(tmp, out)
-    return out
+    return atomic.publish_dir(tmp, out)

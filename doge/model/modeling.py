@@ -1,7 +1,7 @@
 """The Doge model: a decoder-only transformer with Dynamic Mask Attention and optional CDMoE.
 
 Read top to bottom: norm, attention, decoder layer, model, causal-LM head. The DMA maths lives in
-`doge/dma.py`, the CDMoE routing in `doge/cdmoe.py`, RoPE in `doge/rope.py`. Parameter names and
+`doge/model/dma.py`, the CDMoE routing in `doge/model/cdmoe.py`, RoPE in `doge/model/rope.py`. Parameter names and
 config keys are those of `transformers.DogeForCausalLM`, so weights move freely both ways.
 
 Per layer:
@@ -19,11 +19,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from doge.cdmoe import DogeCDMoE, DogeMLP, load_balancing_loss
-from doge.configuration import DogeConfig
-from doge.dma import dma_attention, dynamic_bias
-from doge.loss import fused_causal_lm_loss
-from doge.rope import DogeRotaryEmbedding, apply_rotary, head_dim_of
+from doge.model.cdmoe import DogeCDMoE, DogeMLP, load_balancing_loss
+from doge.model.configuration import DogeConfig
+from doge.model.dma import dma_attention, dynamic_bias
+from doge.model.loss import fused_causal_lm_loss
+from doge.model.rope import DogeRotaryEmbedding, apply_rotary, head_dim_of
 
 
 class DogeRMSNorm(nn.Module):
@@ -40,7 +40,7 @@ class DogeRMSNorm(nn.Module):
 
 
 class DogeAttention(nn.Module):
-    """GQA attention with RoPE, per-head q/k RMSNorm and the dynamic mask (see doge/dma.py)."""
+    """GQA attention with RoPE, per-head q/k RMSNorm and the dynamic mask (see doge/model/dma.py)."""
 
     def __init__(self, config: DogeConfig, layer_idx: int):
         super().__init__()
@@ -153,7 +153,7 @@ class DogeModel(DogePreTrainedModel):
 
 class DogeLMHead(nn.Linear):
     """The output projection; called with labels it returns the fused chunked loss instead of
-    logits (see doge/loss.py). Being a module call, ZeRO-3 gathers its weight as usual."""
+    logits (see doge/model/loss.py). Being a module call, ZeRO-3 gathers its weight as usual."""
 
     def forward(self, hidden, labels=None, num_items_in_batch=None):
         if labels is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from doge.recipe import Recipe
+from doge.training.recipe import Recipe
 
 
 def fill(path: str, recipe: Recipe, micro_batch: int, grad_accum: int, world_size: int, bf16: bool) -> dict:

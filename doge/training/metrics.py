@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from doge import atomic
+
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; first match wins.
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
                  "RTX 4090": 165e12, "V100": 125e12}
@@ -75,9 +77,7 @@ class Reporter:
         if not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(".tmp-" + self.path.name)
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
     def _write(self, record: dict) -> None:
         with open(self.path, "a") as fh:
