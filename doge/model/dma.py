@@ -15,6 +15,11 @@ extra q/k dimension, q' = [q, 1/scaling], k' = [k, bias], so q'.k' * scaling = q
 and SDPA's fused causal kernel runs; the bias still gets its gradient through k'. q/k/v are padded
 to a multiple of 8 so the fused CPU kernel accepts them.
 
+With a fixed-length (static) KV cache the keys are the whole preallocated buffer, of which only the
+first positions are filled. The caller then passes the queries' absolute positions and each query
+sees the keys at positions <= its own: empty slots lie in every query's future, so the causal
+mask hides them without reading the fill level back to the host.
+
 Sparse path (more visible keys than the window): the bias depends on the key only, so every
 query ranks the keys the same way and query i keeps the keys whose rank is within the
 `keep_window` best of keys 0..i. That cut-off is a running order statistic: one pass over the keys
@@ -53,12 +58,29 @@ def fold_bias(q, k, v, bias, scaling: float):
     return q, k, v
 
 
-def visible_keys(q_len: int, k_len: int, key_mask: torch.Tensor | None, device) -> torch.Tensor:
-    """(B or 1, 1, q_len, k_len) bool: causal, queries are the last q_len positions of the keys."""
-    rows = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+def query_rows(q_len: int, k_len: int, query_positions: torch.Tensor | None, device) -> torch.Tensor:
+    """Absolute positions of the queries: given, or the last q_len of the k_len keys."""
+    if query_positions is not None:
+        return query_positions.to(device)
+    return torch.arange(k_len - q_len, k_len, device=device)
+
+
+def real_keys(key_mask: torch.Tensor | None, k_len: int) -> torch.Tensor | None:
+    """(B, k_len) bool padding mask fitted to the keys: a static cache holds more slots than the mask
+    covers (the extra ones are in every query's future, so marking them False changes nothing)."""
+    if key_mask is None:
+        return None
+    key_mask = key_mask[:, :k_len].bool()
+    return F.pad(key_mask, (0, k_len - key_mask.shape[-1]), value=False)
+
+
+def visible_keys(q_len: int, k_len: int, key_mask: torch.Tensor | None, device,
+                 query_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """(B or 1, 1, q_len, k_len) bool: key j is visible to a query at position i when j <= i."""
+    rows = query_rows(q_len, k_len, query_positions, device)[:, None]
     visible = (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
     if key_mask is not None:
-        visible = visible & key_mask[:, None, None, :k_len].bool()
+        visible = visible & real_keys(key_mask, k_len)[:, None, None, :]
     return visible
 
 
@@ -108,38 +130,68 @@ def _sdpa(q, k, v, scaling, **kwargs):
     return F.scaled_dot_product_attention(q, k, v, scale=scaling, **kwargs)
 
 
-def dma_attention(q, k, v, bias, *, scaling: float, keep_window: int,
-                  key_mask: torch.Tensor | None = None) -> torch.Tensor:
+def dma_attention(q, k, v, bias, *, scaling: float, keep_window: int, key_mask: torch.Tensor | None = None,
+                  query_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Attention with the dynamic mask.
 
-    q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D); bias: (B, Hkv, Lk); key_mask: (B, Lk) with 1 for real
-    tokens (padding otherwise) or None. The queries are the last Lq of the Lk positions.
+    q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D); bias: (B, Hkv, Lk); key_mask: (B, <= Lk) with 1 for real
+    tokens (padding otherwise) or None. query_positions: (Lq,) absolute positions of the queries
+    (static cache: keys past them are empty slots), or None when the queries are the last Lq keys.
+    Every branch depends on shapes and arguments only, never on tensor values (torch.export).
     Returns (B, H, Lq, D).
     """
     q_len, k_len, dim = q.shape[2], k.shape[2], q.shape[-1]
     qf, kf, vf = fold_bias(q, k, v, bias, scaling)
     if k_len > keep_window:
-        out = _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask)
-    elif key_mask is None and q_len == k_len:
+        out = _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask, query_positions)
+    elif key_mask is None and query_positions is None and q_len == k_len:
         out = _sdpa(qf, kf, vf, scaling, is_causal=True)
-    elif key_mask is None and q_len == 1:
+    elif key_mask is None and query_positions is None and q_len == 1:
         out = _sdpa(qf, kf, vf, scaling)
     else:
-        out = _sdpa(qf, kf, vf, scaling, attn_mask=visible_keys(q_len, k_len, key_mask, q.device))
+        visible = visible_keys(q_len, k_len, key_mask, q.device, query_positions)
+        out = _sdpa(qf, kf, vf, scaling, attn_mask=visible)
     return out[..., :dim]
 
 
-def _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask):
-    """Chunk over queries; each chunk attends only to the keys some query of it keeps."""
+def eager_dma_attention(q, k, v, bias, *, scaling: float, keep_window: int, key_mask: torch.Tensor | None = None,
+                        query_positions: torch.Tensor | None = None):
+    """The same attention from a materialised (B, H, Lq, Lk) score matrix, also returning the weights
+    (`attn_implementation="eager"`, `output_attentions=True`). Arguments as `dma_attention`."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    groups = q.shape[1] // k.shape[1]
+    keep = visible_keys(q_len, k_len, key_mask, q.device, query_positions).expand(*bias.shape[:2], q_len, k_len)
+    if k_len > keep_window:
+        ranks = key_ranks(bias.detach())[:, :, None, :].expand(-1, -1, q_len, -1)
+        wanted = torch.where(keep, -ranks, float("-inf")).topk(keep_window, dim=-1).indices
+        keep = keep & torch.zeros_like(ranks, dtype=torch.bool).scatter_(-1, wanted, True)
+    scores = (q @ k.repeat_interleave(groups, dim=1).transpose(-1, -2)) * scaling
+    scores = scores + bias.repeat_interleave(groups, dim=1)[:, :, None, :].to(scores.dtype)
+    scores = scores.masked_fill(~keep.repeat_interleave(groups, dim=1), torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return weights @ v.repeat_interleave(groups, dim=1), weights
+
+
+def _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask, query_positions):
+    """Chunk over queries; each chunk attends only to the keys some query of it keeps.
+
+    With a static cache (query_positions given) the slots after the last query are empty: they
+    are marked as padding. The queries' offset is read back once here; this path already reads the
+    ranks back for its cut-offs."""
     q_len, k_len = qf.shape[2], kf.shape[2]
     groups = qf.shape[1] // kf.shape[1]
+    offset = k_len - q_len if query_positions is None else int(query_positions[0])
+    key_mask = real_keys(key_mask, k_len)
+    if query_positions is not None:
+        filled = (torch.arange(k_len, device=qf.device) < offset + q_len).expand(qf.shape[0], -1)
+        key_mask = filled if key_mask is None else key_mask & filled
     ranks = key_ranks(bias.detach())
     cutoffs = rank_cutoffs(ranks, key_mask, keep_window)
-    real = key_mask[:, None, :k_len].bool() if key_mask is not None else None
+    real = key_mask[:, None] if key_mask is not None else None
     outs = []
     for start in range(0, q_len, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, q_len)
-        first, last = k_len - q_len + start, k_len - q_len + stop  # the chunk's query positions
+        first, last = offset + start, offset + stop  # the chunk's query positions
         index, keep = _chunk_keys(ranks[..., :last], cutoffs[..., first:last], real, first)
         keys, values = (t.gather(2, index[..., None].expand(-1, -1, -1, t.shape[-1])) for t in (kf, vf))
         if groups > 1:

@@ -96,7 +96,7 @@ class Decoder:
         """Run `ids` (B, n) at positions start..start+n-1; return the last position's logits."""
         model = self.model.model
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
-        cos, sin = model.rotary_emb(positions, self.dtype)
+        cos, sin = model.rotary_emb(ids.new_empty(0, dtype=self.dtype), positions)
         return self._forward(layers, ids, cos, sin, slice(start, start + ids.shape[1]), None)
 
     def _forward(self, layers, ids, cos, sin, at, key_mask):
@@ -122,7 +122,7 @@ class Decoder:
         pos = torch.tensor([prompt_len], device=device)
         token = first[:, None].clone()
         positions = torch.arange(capacity, device=device)
-        cos_table, sin_table = self.model.model.rotary_emb(positions[None], self.dtype)
+        cos_table, sin_table = self.model.model.rotary_emb(out.new_empty(0, dtype=self.dtype), positions[None])
 
         def step():
             cos, sin = cos_table.index_select(1, pos), sin_table.index_select(1, pos)

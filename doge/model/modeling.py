@@ -7,6 +7,12 @@ config keys are those of `transformers.DogeForCausalLM`, so weights move freely 
 Per layer:
     h = input_residual * h + DMA(RMSNorm(h))
     h = post_attention_residual * h + MLP(RMSNorm(h))     # MLP: dense SwiGLU or CDMoE
+
+Used through the transformers APIs the classes behave as stock's: the cache is given as `cache`
+or under its older name `past_key_values`, `use_cache` and `return_dict` default to the config,
+hidden states, attentions and router logits are recorded by transformers' output-capturing hooks
+(`_can_record_outputs`), and `attn_implementation` picks the fused DMA kernels ("sdpa", the
+default) or the materialised scores that can return attention weights ("eager").
 """
 from __future__ import annotations
 
@@ -16,14 +22,25 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.utils import can_return_tuple
 
 from doge.model.cdmoe import DogeCDMoE, DogeMLP, load_balancing_loss
 from doge.model.configuration import DogeConfig
-from doge.model.dma import dma_attention, dynamic_bias
+from doge.model.dma import dma_attention, dynamic_bias, eager_dma_attention
 from doge.model.loss import fused_causal_lm_loss
 from doge.model.rope import DogeRotaryEmbedding, apply_rotary, head_dim_of
+
+try:  # newer transformers 5.x: config defaults and output capture are two decorators
+    from transformers.utils.generic import merge_with_config_defaults
+    from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+    def model_inputs(forward):
+        return merge_with_config_defaults(capture_outputs(forward))
+except ImportError:  # older 5.x: `check_model_inputs` does both
+    from transformers.utils.generic import OutputRecorder
+    from transformers.utils.generic import check_model_inputs as model_inputs
 
 
 class DogeRMSNorm(nn.Module):
@@ -44,6 +61,7 @@ class DogeAttention(nn.Module):
 
     def __init__(self, config: DogeConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.head_dim = head_dim_of(config)
         self.scaling = self.head_dim ** -0.5
@@ -58,19 +76,29 @@ class DogeAttention(nn.Module):
         self.q_norm = DogeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = DogeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
-    def forward(self, x, rotary, cache: Cache | None = None, key_mask=None) -> torch.Tensor:
+    def forward(self, x, rotary, cache: Cache | None = None, key_mask=None, cache_position=None,
+                static_cache: bool = False):
+        """Returns (output, attention weights or None: only the eager implementation has them).
+
+        cache_position: absolute positions of the new tokens. With a static cache (fixed-length
+        buffers) attention is causal by these positions, which hides the slots not yet filled."""
         batch, length, _ = x.shape
         shape = (batch, length, -1, self.head_dim)
         q = self.q_norm(self.q_proj(x).view(shape)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+        if cache is not None:  # older transformers' static layers need the positions in cache_kwargs
+            k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position})
         bias = dynamic_bias(v, self.dt_proj, self.A)
-        out = dma_attention(q, k, v, bias, scaling=self.scaling, keep_window=self.keep_window_size,
-                            key_mask=key_mask)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        kwargs = dict(scaling=self.scaling, keep_window=self.keep_window_size, key_mask=key_mask,
+                      query_positions=cache_position if static_cache else None)
+        weights = None
+        if self.config._attn_implementation == "eager":
+            out, weights = eager_dma_attention(q, k, v, bias, **kwargs)
+        else:
+            out = dma_attention(q, k, v, bias, **kwargs)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), weights
 
 
 class DogeDecoderLayer(GradientCheckpointingLayer):
@@ -84,15 +112,15 @@ class DogeDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_residual = nn.Parameter(torch.ones(config.hidden_size))
         self.hidden_dropout = config.hidden_dropout
 
-    def forward(self, h, rotary, cache=None, key_mask=None):
-        """Returns (hidden states, router logits or None)."""
-        attn = self.self_attn(self.input_layernorm(h), rotary, cache, key_mask)
+    def forward(self, h, rotary, cache=None, key_mask=None, cache_position=None, static_cache=False):
+        """Returns the hidden states (router logits and attention weights reach the output through
+        the capturing hooks on the MLP and attention modules)."""
+        attn, _ = self.self_attn(self.input_layernorm(h), rotary, cache, key_mask, cache_position, static_cache)
         h = self.input_residual * h + F.dropout(attn, self.hidden_dropout, self.training)
-        mlp_out, router_logits = self.mlp(self.post_attention_layernorm(h)), None
+        mlp_out = self.mlp(self.post_attention_layernorm(h))
         if isinstance(mlp_out, tuple):
-            mlp_out, router_logits = mlp_out
-        h = self.post_attention_residual * h + F.dropout(mlp_out, self.hidden_dropout, self.training)
-        return h, router_logits
+            mlp_out = mlp_out[0]
+        return self.post_attention_residual * h + F.dropout(mlp_out, self.hidden_dropout, self.training)
 
 
 class DogePreTrainedModel(PreTrainedModel):
@@ -102,6 +130,15 @@ class DogePreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DogeDecoderLayer"]
     _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False  # the sparse path (sequences past keep_window_size) reads ranks on the host
+    _supports_attention_backend = False
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(DogeCDMoE, index=1),
+        "hidden_states": DogeDecoderLayer,
+        "attentions": DogeAttention,
+    }
 
     def _init_weights(self, module):
         """Stock init (normal(0.02) for Linear/Embedding, ones for norms); A = 0, residuals = 1."""
@@ -114,10 +151,18 @@ class DogePreTrainedModel(PreTrainedModel):
 
 
 def _key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A 2-D padding mask, or None when nothing is padded (so the fused causal kernel can run)."""
-    if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
+    """The 2-D padding mask as bool, or None. Whether it pads anything is not checked: that would
+    read the tensor back to the host (a sync, and a data-dependent branch torch.export rejects)."""
+    if attention_mask is None or attention_mask.dim() != 2:
         return None
     return attention_mask.bool()
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache under either name (`past_key_values` is its name in older transformers)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 class DogeModel(DogePreTrainedModel):
@@ -130,25 +175,29 @@ class DogeModel(DogePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @model_inputs
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> MoeModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, cache_position=None, past_key_values=None,
+                **kwargs) -> MoeModelOutputWithPast:
+        """Final hidden states and the cache; `use_cache` defaults to the config's, as in stock."""
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        cache = _one_cache(cache, past_key_values)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        if position_ids is None:
+        if cache_position is None:  # a tensor for static caches: no host sync
             past = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(past, past + h.shape[1], device=h.device)[None]
-        rotary = self.rotary_emb(position_ids, h.dtype)
+            cache_position = torch.arange(h.shape[1], device=h.device) + past
+        if position_ids is None:
+            position_ids = cache_position[None]
+        rotary = self.rotary_emb(h, position_ids)
+        static = cache is not None and cache.is_compileable
         key_mask = _key_mask(attention_mask)
-        router_logits = []
         for layer in self.layers:
-            h, logits = layer(h, rotary, cache, key_mask)
-            if logits is not None:
-                router_logits.append(logits)
-        # Positional: the cache field is `cache` in transformers >= 5.2x, `past_key_values` before.
-        return MoeModelOutputWithPast(self.norm(h), cache, None, None, tuple(router_logits) or None)
+            h = layer(h, rotary, cache, key_mask, cache_position, static)
+        # Positional: the cache field is `cache` in newer transformers, `past_key_values` before.
+        return MoeModelOutputWithPast(self.norm(h), cache)
 
 
 class DogeLMHead(nn.Linear):
@@ -163,6 +212,9 @@ class DogeLMHead(nn.Linear):
 
 class DogeForCausalLM(DogePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: DogeConfig):
         super().__init__(config)
@@ -171,6 +223,7 @@ class DogeForCausalLM(DogePreTrainedModel, GenerationMixin):
         self.lm_head = DogeLMHead(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
                 output_router_logits=None, past_key_values=None, skip_logits=False,
@@ -180,8 +233,12 @@ class DogeForCausalLM(DogePreTrainedModel, GenerationMixin):
         `skip_logits=True` (training) computes the loss fused with the LM head, chunk by chunk,
         and returns no logits: much less memory traffic than materialising (B, L, vocab).
         """
-        outputs = self.model(input_ids, attention_mask, position_ids, cache or past_key_values,
-                             inputs_embeds, use_cache)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        output_router_logits = output_router_logits and self.config.is_moe
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, output_router_logits=output_router_logits, **kwargs)
         h = outputs.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else h[:, logits_to_keep]
@@ -193,13 +250,23 @@ class DogeForCausalLM(DogePreTrainedModel, GenerationMixin):
             if labels is not None:
                 loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         aux_loss = None
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        if output_router_logits and outputs.router_logits:
+        if output_router_logits:
             mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts,
                                            self.config.num_experts_per_tok, mask)
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
-        cache = next((v for k, v in outputs.items() if k in ("cache", "past_key_values")), None)
-        return MoeCausalLMOutputWithPast(loss, aux_loss, logits, cache, None, None, outputs.router_logits)
+        # Positional: the cache field is `cache` in newer transformers, `past_key_values` before.
+        cache = outputs.get("cache", outputs.get("past_key_values"))
+        return MoeCausalLMOutputWithPast(loss, aux_loss, logits, cache, outputs.hidden_states,
+                                         outputs.attentions, outputs.router_logits)
+
+    @staticmethod
+    def create_masks_for_generate(config, inputs_embeds, attention_mask, *args, **kwargs):
+        """`generate` with a static cache: keep the 2-D padding mask. The attention masks the empty
+        cache slots itself (causal by cache position), so no 4-D mask is materialised per step."""
+        return attention_mask
+
+
+class DogeForSequenceClassification(GenericForSequenceClassification, DogePreTrainedModel):
+    """Last-token classification head on `DogeModel`, as stock's."""
