@@ -2,7 +2,9 @@
 
 What only a GPU shows: parity with stock on CUDA (fp32 and bf16), which SDPA kernel our folded
 DMA fast path gets, training tokens/s and MFU (bf16 autocast) ours vs stock, the 8k sparse-path
-peak memory, and decode tokens/s. Prints a table; `--json OUT` also writes the results.
+peak memory, and decode tokens/s. Prints a table; `--json OUT` also writes the results. MFU uses
+the trainer's definition (doge/training/flops.py): datasheet bf16 peak, or DOGE_PEAK_FLOPS (e.g. a
+measured GEMM rate).
 
     python benchmarks/gpu_check.py --json $OUT/gpu.json
 """
@@ -21,16 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_speed import build_pair  # noqa: E402
 
 from doge.model.generation import Decoder  # noqa: E402
-
-PEAK_BF16_FLOPS = 790e12  # measured 8192^3 bf16 matmul on the lent H100/H200 (notes/gpu-device.md)
-
-
-def flops_per_token(config, seq_len: int) -> float:
-    """6 * params (LM head included, embedding lookup excluded) + causal attention 6 * L * h * s."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * h // config.num_attention_heads
-    per_layer = h * (2 * h + 2 * kv) + 3 * h * config.intermediate_size
-    return 6 * (layers * per_layer + h * config.vocab_size) + 6 * layers * h * seq_len
+from doge.training.flops import device_peak_flops, flops_per_token  # noqa: E402
 
 
 def parity(dev):
@@ -59,7 +52,8 @@ def sdpa_kernels(dev):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             ours(x, labels=x, skip_logits=True).loss.backward()
         torch.cuda.synchronize()
-    names = {e.key for e in prof.key_averages() if any(k in e.key.lower() for k in ("flash", "fmha", "attention", "efficient"))}
+    kernels = ("flash", "fmha", "attention", "efficient")
+    names = {e.key for e in prof.key_averages() if any(k in e.key.lower() for k in kernels)}
     return sorted(names)[:6]
 
 
@@ -155,7 +149,7 @@ def main():
         row = {}
         for name, model, fused in (("ours", ours, True), ("stock", stock, False)):
             tps, mem = train_speed(model, dev, batch, 2048, args.steps, fused)
-            mfu = tps * flops_per_token(model.config, 2048) / PEAK_BF16_FLOPS
+            mfu = tps * flops_per_token(model.config, 2048) / device_peak_flops(bf16=True)
             row[name] = dict(tokens_per_s=tps, mfu=mfu, peak_gib=mem)
         results[f"train {preset} bf16 b{batch}x2048"] = row
         print(preset, row, flush=True)
