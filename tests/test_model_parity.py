@@ -1,18 +1,50 @@
 """Same weights, same logits as the stock `transformers.DogeForCausalLM` (float32)."""
+import copy
+
 import pytest
 import torch
 import transformers
 from conftest import distinct_tokens
+from transformers.models.doge import modeling_doge
 
 import doge.model.dma
 from doge import DogeForCausalLM
 
 
-def test_dense_gqa_logits_match_stock(pair):
-    ours, stock = pair(seed=1)
+def _exact_attention(module, q, k, v, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Stock's eager attention with the softmax in the input dtype (stock forces float32)."""
+    k, v = (modeling_doge.repeat_kv(t, module.num_key_value_groups) for t in (k, v))
+    weights = torch.softmax(q @ k.transpose(2, 3) * scaling + attention_mask, dim=-1)
+    return (weights @ v).transpose(1, 2), weights
+
+
+def _exact_norm(self, x):
+    """Stock's RMSNorm without its float32 round trip."""
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def test_dense_gqa_logits_match_stock(pair, monkeypatch):
+    """Both float32 models are as close to the exact result as each other.
+
+    The exact result is stock's computation in float64 with its float32 casts removed. With
+    tiny_config's random residual scales the hidden states reach ~28 before the last norm, so
+    float32 round-off alone leaves both implementations up to 1.6e-4 from it (logits ~8), and
+    which is closer depends on the model and on the CPU's GEMM kernels (measured over 8 models:
+    summed errors ours 4.1e-4, stock 3.9e-4; per model ours 0.3x-4.8x stock's; ours and stock
+    differ by up to 1.35e-4). So the check is on the error summed over those 8 models: ours at
+    most 1.25x stock's. A wrong mask or bias moves the logits by 1e-2 or more."""
     x = torch.randint(0, 256, (3, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (ours(x).logits - stock(x).logits).abs().max() <= 1e-4
+    errors = {"ours": 0.0, "stock": 0.0}
+    for seed in range(1, 9):
+        ours, stock = pair(seed=seed)
+        with torch.no_grad(), monkeypatch.context() as patch:
+            got = {"ours": ours(x).logits, "stock": stock(x).logits}
+            patch.setattr(modeling_doge, "eager_attention_forward", _exact_attention)
+            patch.setattr(modeling_doge.DogeRMSNorm, "forward", _exact_norm)
+            exact = copy.deepcopy(stock).double()(x).logits
+        for name in errors:
+            errors[name] += (got[name] - exact).abs().max().item()
+    assert errors["ours"] <= 1.25 * errors["stock"], errors
 
 
 def test_dense_logits_match_stock_sdpa_backend(pair):

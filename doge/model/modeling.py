@@ -140,6 +140,12 @@ class DogePreTrainedModel(PreTrainedModel):
         "attentions": DogeAttention,
     }
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """transformers guesses this from the module source; the attention here reads
+        `config._attn_implementation` on every call, so switching it always works."""
+        return True
+
     def _init_weights(self, module):
         """Stock init (normal(0.02) for Linear/Embedding, ones for norms); A = 0, residuals = 1."""
         super()._init_weights(module)
