@@ -19,6 +19,7 @@ from doge.data import shards
 from doge.data.errors import DataError
 from doge.data.mixture import Schedule, integer_weights, read_mixture
 from doge.data.permutation import permute, round_keys
+from doge.data.tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +34,35 @@ class EpochEvent:
 
 
 class SplitSource:
-    """One DATADIR's split as a flat list of seq_len samples backed by memory maps."""
+    """One DATADIR's split as a flat list of seq_len samples backed by memory maps.
 
-    def __init__(self, name: str, datadir: Path, manifest: dict, split: str, seq_len: int, bound: int):
+    Each shard's sha256 is checked against the manifest the first time a sample is read from it
+    (once per process; about 1 s per GB on one core), so no sample ever comes from a shard whose
+    bytes differ, and opening stays instant however large the data.
+    """
+
+    def __init__(self, name: str, datadir: Path, manifest: dict, split: str, seq_len: int, bound: int, verify: bool):
         self.name, self.datadir, self.manifest = name, Path(datadir), manifest
         self.seq_len, self.bound = seq_len, bound
         self.row_len = manifest["seq_len"]
         self.per_row = self.row_len // seq_len
         self.entries = manifest["splits"][split]["shards"]
-        self.arrays = [shards.open_shard(self.datadir / e["file"], e, self.row_len, manifest["dtype"]) for e in self.entries]
+        opened = [shards.open_shard(self.datadir / e["file"], e, self.row_len, manifest["dtype"]) for e in self.entries]
+        self.arrays = [rows for rows, _ in opened]
+        self.unverified = {i: content for i, (_, content) in enumerate(opened)} if verify else {}
         usable = [shards.full_rows(e, self.row_len) for e in self.entries]
         self.row_starts = np.concatenate([[0], np.cumsum(usable)]).astype(np.int64)
         self.samples = int(self.row_starts[-1]) * self.per_row
-        self.key = shards.manifest_sha256(self.datadir)
+        self.key = shards.content_key(manifest, split)
 
     def read(self, sample: int) -> np.ndarray:
         """The sample-th piece: row sample // per_row, piece sample % per_row."""
         row, piece = divmod(int(sample), self.per_row)
         shard = int(np.searchsorted(self.row_starts, row, side="right")) - 1
         local = row - int(self.row_starts[shard])
+        if shard in self.unverified:
+            shards.verify_shard(self.datadir / self.entries[shard]["file"], self.entries[shard], self.unverified[shard])
+            del self.unverified[shard]
         tokens = self.arrays[shard][local, piece * self.seq_len : (piece + 1) * self.seq_len]
         if int(tokens.max()) >= self.bound:
             path = self.datadir / self.entries[shard]["file"]
@@ -76,7 +87,8 @@ class PretrainData:
         self.fingerprint = info["fingerprint"]
         for source in sources:
             if source.samples == 0:
-                raise DataError(f"{source.datadir}: train split has no full row of {source.row_len} tokens; prepare more text")
+                raise DataError(f"{source.datadir}: train split has no full row of {source.row_len} tokens; "
+                                "prepare more text")
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.samples(np.array([index]))[0]
@@ -157,12 +169,14 @@ class ValData:
 
 
 def open_pretrain_data(path, *, seed=0, split="train", tokenizer_fingerprint=None, vocab_size=None,
-                       seq_len=None, verify_sha256=False):
-    """Open a prepared DATADIR or a mixture YAML, validating everything cheap up front.
+                       seq_len=None, verify_sha256=True):
+    """Open a prepared DATADIR or a mixture YAML, validating everything cheap up front, including
+    each source's tokenizer/ copy against its manifest.
 
     seq_len defaults to the rows' length; a shorter one cuts each row into row_len // seq_len
-    samples (tokens past the last full piece are not used). Raises DataError naming the file
-    and the fix on any mismatch.
+    samples (tokens past the last full piece are not used). With verify_sha256 (the default) every
+    shard's content is checked on its first use (see SplitSource). Raises DataError naming the
+    file and the fix on any mismatch.
     """
     if split not in shards.SPLITS:
         raise ValueError(f"split must be one of {shards.SPLITS}, not {split!r}")
@@ -173,17 +187,16 @@ def open_pretrain_data(path, *, seed=0, split="train", tokenizer_fingerprint=Non
         entries = [{"name": path.name, "path": path, "weight": 1}]
     manifests = [shards.read_manifest(e["path"]) for e in entries]
     seq_len = _check_compatible(entries, manifests, tokenizer_fingerprint, vocab_size, seq_len)
-    if verify_sha256:
-        for entry, manifest in zip(entries, manifests):
-            shards.verify_sha256(entry["path"], manifest)
+    for entry, manifest in zip(entries, manifests):
+        _check_tokenizer_copy(Path(entry["path"]), manifest)
     bound = vocab_size if vocab_size is not None else manifests[0]["tokenizer"]["vocab_size"]
-    sources = [SplitSource(e["name"], e["path"], m, split, seq_len, bound) for e, m in zip(entries, manifests)]
-    tokenizer_dir = Path(entries[0]["path"]) / "tokenizer"
+    sources = [SplitSource(e["name"], e["path"], m, split, seq_len, bound, verify_sha256)
+               for e, m in zip(entries, manifests)]
     info = {
         "seq_len": seq_len,
         "tokenizer_fingerprint": manifests[0]["tokenizer"]["fingerprint"],
         "vocab_size": manifests[0]["tokenizer"]["vocab_size"],
-        "tokenizer_dir": tokenizer_dir if tokenizer_dir.is_dir() else None,
+        "tokenizer_dir": Path(entries[0]["path"]) / "tokenizer",
         "fingerprint": _fingerprint(sources, [e["weight"] for e in entries], seed, seq_len, split),
     }
     if split == "val":
@@ -200,7 +213,8 @@ def _check_compatible(entries, manifests, tokenizer_fingerprint, vocab_size, seq
         where = entry["path"] / shards.MANIFEST
         found = manifest["tokenizer"]["fingerprint"]
         if found != fingerprint:
-            raise DataError(f"{where}: tokenizer {found} differs from {first}'s {fingerprint}; prepare every source with one tokenizer")
+            raise DataError(f"{where}: tokenizer {found} differs from {first}'s {fingerprint}; prepare every source "
+                            "with one tokenizer")
         if tokenizer_fingerprint is not None and found != tokenizer_fingerprint:
             raise DataError(
                 f"{where}: data was tokenized with tokenizer {found} ({manifest['tokenizer']['name_or_path']}) but the "
@@ -208,8 +222,8 @@ def _check_compatible(entries, manifests, tokenizer_fingerprint, vocab_size, seq
                 "with the run's tokenizer"
             )
         if seq_len is not None and seq_len > manifest["seq_len"]:
-            raise DataError(f"{where}: rows hold {manifest['seq_len']} tokens, fewer than seq_len {seq_len}; "
-                            f"re-run prepare.py with --seq-len {seq_len} or train with seq_len <= {manifest['seq_len']}")
+            raise DataError(f"{where}: rows hold {manifest['seq_len']} tokens, fewer than seq_len {seq_len}; re-run "
+                            f"prepare.py with --seq-len {seq_len} or train with seq_len <= {manifest['seq_len']}")
         if vocab_size is not None:
             _check_vocab(where, manifest, vocab_size)
     row_len = min(m["seq_len"] for m in manifests)
@@ -219,6 +233,24 @@ def _check_compatible(entries, manifests, tokenizer_fingerprint, vocab_size, seq
             log.warning("%s: rows of %d tokens, seq_len %d: the last %d tokens of each row are not used",
                         entry["path"], manifest["seq_len"], seq_len, manifest["seq_len"] % seq_len)
     return seq_len
+
+
+def _check_tokenizer_copy(datadir: Path, manifest: dict) -> None:
+    """DATADIR/tokenizer/ is what checkpoints ship, so it must be the tokenizer the shards were
+    made with: same fingerprint, and (manifests since the files were recorded) the same files."""
+    folder = datadir / "tokenizer"
+    fix = f"restore the tokenizer/ folder prepare.py wrote or re-run prepare.py to rebuild {datadir}"
+    expected = manifest["tokenizer"]["fingerprint"]
+    try:
+        found = tokenizer_fingerprint(folder)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{folder}: no readable tokenizer.json ({exc}); {fix}") from exc
+    if found != expected:
+        raise DataError(f"{folder}: holds tokenizer {found}, but the shards were tokenized with {expected} "
+                        f"({datadir / shards.MANIFEST}); {fix}")
+    for name, digest in manifest["tokenizer"].get("files", {}).items():
+        if not (folder / name).is_file() or shards.sha256_file(folder / name) != digest:
+            raise DataError(f"{folder / name}: missing or changed since prepare.py wrote it; {fix}")
 
 
 def _check_vocab(where: Path, manifest: dict, vocab_size: int) -> None:
@@ -234,5 +266,6 @@ def _check_vocab(where: Path, manifest: dict, vocab_size: int) -> None:
 
 
 def _fingerprint(sources: list[SplitSource], weights: list, seed: int, seq_len: int, split: str) -> str:
-    spec = {"sources": [[s.key, str(w)] for s, w in zip(sources, weights)], "seed": seed, "seq_len": seq_len, "split": split}
+    spec = {"sources": [[s.key, str(w)] for s, w in zip(sources, weights)], "seed": seed, "seq_len": seq_len,
+            "split": split}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

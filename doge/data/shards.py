@@ -26,6 +26,7 @@ MANIFEST = "manifest.json"
 COLUMN = "input_ids"
 SPLITS = ("train", "val")
 REQUIRED_KEYS = ("format", "version", "seq_len", "dtype", "tokenizer", "splits", "sources")
+REBUILD = "re-run prepare.py to rebuild the DATADIR (or restore the file from a copy)"
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -80,28 +81,42 @@ def write_shard(directory: Path, name: str, rows: np.ndarray, tokens: int) -> di
 
 
 # ----------------------------------------------------------------------------- reading
-def open_shard(path: Path, entry: dict, seq_len: int, dtype: str) -> np.ndarray:
-    """Memory-map a shard as a read-only (rows, seq_len) array after checking size and schema."""
+def open_shard(path: Path, entry: dict, seq_len: int, dtype: str):
+    """Memory-map a shard after checking size and schema; return (read-only (rows, seq_len) array,
+    the whole mapped file). `verify_shard` hashes that mapping, so the bytes checked are the bytes
+    served even if the file is replaced on disk in between."""
     import pyarrow as pa
 
     path = Path(path)
-    fix = "re-run prepare.py to rebuild it (or restore the file from a copy)"
     if not path.is_file():
-        raise DataError(f"{path}: shard listed in the manifest is missing; {fix}")
+        raise DataError(f"{path}: shard listed in the manifest is missing; {REBUILD}")
     size = path.stat().st_size
     if size != entry["bytes"]:
-        raise DataError(f"{path}: {size} bytes but the manifest says {entry['bytes']} (truncated or replaced); {fix}")
+        raise DataError(f"{path}: {size} bytes but the manifest says {entry['bytes']} (truncated or replaced); "
+                        f"{REBUILD}")
+    mapped = pa.memory_map(str(path))
     try:
-        table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+        table = pa.ipc.open_stream(mapped).read_all()
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: not a readable Arrow stream ({exc}); the shard is corrupted; {fix}") from exc
+        raise DataError(f"{path}: not a readable Arrow stream ({exc}); the shard is corrupted; {REBUILD}") from exc
     expected = pa.list_(pa.field("item", pa.from_numpy_dtype(np.dtype(dtype))), seq_len)
     if table.column_names != [COLUMN] or not table.schema.field(COLUMN).type.equals(expected, check_metadata=False):
-        raise DataError(f"{path}: schema {table.schema} is not input_ids: {expected}; the shard is corrupted; {fix}")
+        raise DataError(f"{path}: schema {table.schema} is not input_ids: {expected}; the shard is corrupted; "
+                        f"{REBUILD}")
     if table.num_rows != entry["rows"] or table.column(0).num_chunks != 1:
-        raise DataError(f"{path}: {table.num_rows} rows, manifest says {entry['rows']}; {fix}")
+        raise DataError(f"{path}: {table.num_rows} rows, manifest says {entry['rows']}; {REBUILD}")
     values = table.column(0).chunk(0).values.to_numpy(zero_copy_only=True)
-    return values.reshape(entry["rows"], seq_len)
+    mapped.seek(0)
+    return values.reshape(entry["rows"], seq_len), mapped.read_buffer()
+
+
+def verify_shard(path: Path, entry: dict, content) -> None:
+    """Raise unless sha256(content) is the manifest's: catches changed bytes that keep the size
+    and the Arrow structure intact, and a hand-edited manifest."""
+    found = hashlib.sha256(content).hexdigest()
+    if found != entry["sha256"]:
+        raise DataError(f"{path}: sha256 {found[:16]}... differs from the manifest's {entry['sha256'][:16]}... (the "
+                        f"shard is corrupted or manifest.json was edited); {REBUILD}")
 
 
 def sha256_file(path: Path) -> str:
@@ -112,13 +127,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_sha256(datadir: Path, manifest: dict) -> None:
-    """Full-content check of every shard against the manifest (reads every byte)."""
-    for split in SPLITS:
-        for entry in manifest["splits"][split]["shards"]:
-            path = Path(datadir) / entry["file"]
-            if sha256_file(path) != entry["sha256"]:
-                raise DataError(f"{path}: sha256 differs from the manifest (corrupted); re-run prepare.py or restore it")
+def content_key(manifest: dict, split: str) -> str:
+    """Hash of what decides a split's samples: tokenizer, row length, dtype and each shard's
+    content. Paths, options and the command line that produced them are left out, so re-preparing
+    the same data (say with another --workers) gives the same key."""
+    spec = {
+        "tokenizer": manifest["tokenizer"]["fingerprint"],
+        "seq_len": manifest["seq_len"],
+        "dtype": manifest["dtype"],
+        "shards": [[e["sha256"], e["rows"], e["tokens"]] for e in manifest["splits"][split]["shards"]],
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -128,7 +147,9 @@ def read_manifest(datadir: Path) -> dict:
     path = datadir / MANIFEST
     if not path.is_file():
         partial = datadir.with_name(datadir.name + ".partial")
-        hint = f"; {partial} exists: prepare did not finish, re-run the same command to resume" if partial.exists() else ""
+        hint = ""
+        if partial.exists():
+            hint = f"; {partial} exists: prepare did not finish, re-run the same command to resume"
         raise DataError(f"{path}: no manifest; {datadir} is not a prepared DATADIR (run data_tools/prepare.py){hint}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -140,10 +161,6 @@ def read_manifest(datadir: Path) -> dict:
     if manifest["version"] != VERSION:
         raise DataError(f"{path}: format version {manifest['version']}, this doge reads {VERSION}; re-run prepare.py")
     return manifest
-
-
-def manifest_sha256(datadir: Path) -> str:
-    return sha256_file(Path(datadir) / MANIFEST)
 
 
 def full_rows(entry: dict, seq_len: int) -> int:
