@@ -34,9 +34,11 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", required=True, metavar="TOKDIR", help="tokenizer folder or hub name")
     p.add_argument("--out-root", default="data/smollm-corpus",
                    help="where the four DATADIRs go (default data/smollm-corpus, what the mixture YAML expects)")
-    p.add_argument("--download-dir", default="data/smollm-raw", help="where parquet files are downloaded (default data/smollm-raw)")
+    p.add_argument("--download-dir", default="data/smollm-raw",
+                   help="where parquet files are downloaded (default data/smollm-raw)")
     p.add_argument("--only", nargs="+", choices=sorted(SOURCES), help="only these sources (default: all)")
-    p.add_argument("--max-files", type=int, default=0, help="first N parquet files per source, for trials (default: all)")
+    p.add_argument("--max-files", type=int, default=0,
+                   help="first N parquet files per source, for trials (default: all)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per row (default 2048)")
     p.add_argument("--workers", type=int, default=8, help="tokenizer processes for prepare (default 8)")
     p.add_argument("--cosmopedia-chat", action="store_true",

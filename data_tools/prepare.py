@@ -7,6 +7,8 @@ Example:
 DATADIR gets train-NNNNN.arrow / val-NNNNN.arrow (each opens with datasets.Dataset.from_file),
 manifest.json (tokenizer fingerprint, seq_len, dtype, rows/tokens/sha256 per shard, per-source
 document counts, this command) and a tokenizer/ copy. Output bytes do not depend on --workers.
+Special-token strings inside the text (</s>, <|im_start|>) are encoded as text unless
+--parse-special-tokens is given; their number is counted in the manifest either way.
 Work happens in DATADIR.partial/, renamed to DATADIR when complete; rerun the same command after
 a crash or kill and it continues after the last finished shard.
 """
@@ -25,13 +27,19 @@ def parse_args(argv=None):
                    help="tokenizer folder (from train_tokenizer.py or any fast transformers tokenizer) or hub name")
     p.add_argument("--output", required=True, metavar="DATADIR", help="folder to create")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per packed row (default 2048)")
-    p.add_argument("--text-field", default="text", help="field/column with the text in JSON/parquet/hub data (default text)")
+    p.add_argument("--text-field", default="text",
+                   help="field/column with the text in JSON/parquet/hub data (default text)")
     p.add_argument("--chat-fields", metavar="PROMPT,ANSWER",
                    help="render two fields as a user/assistant chat with the tokenizer's chat template "
                         "(e.g. prompt,text for cosmopedia) instead of reading --text-field")
     p.add_argument("--txt-split", choices=("paragraph", "line", "file"), default="paragraph",
                    help="what a document is in a text file: blank-line separated paragraph (default), line, or file")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1); output is identical for any value")
+    p.add_argument("--parse-special-tokens", action="store_true",
+                   help="read special-token strings inside the text (</s>, <|im_start|>, ...) as the control tokens "
+                        "themselves, for pre-rendered chat data; by default they are plain text (counted in the "
+                        "manifest)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="tokenizer processes (default 1); output is identical for any value")
     p.add_argument("--val-fraction", default="0.001",
                    help="fraction of rows held out for validation, evenly spaced through the stream (default 0.001)")
     p.add_argument("--val-rows", type=int, default=10000, help="at most this many validation rows (default 10000)")
@@ -40,7 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--chunk-mb", type=float, default=0,
                    help="input MB per work unit (default 0: 1/256 of the input, within 0.25-32 MB); does not change "
                         "the output, but a resumed run must use the same value")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DATADIR once the new one is complete")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DATADIR once the new one is complete (only a folder prepare.py wrote "
+                        "that holds nothing else)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -60,7 +70,8 @@ def main(argv=None) -> int:
         inputs=args.input, tokenizer=args.tokenizer, output=args.output, seq_len=args.seq_len,
         workers=args.workers, val_fraction=args.val_fraction, val_rows=args.val_rows, shard_rows=args.shard_rows,
         chunk_bytes=int(args.chunk_mb * 2**20),
-        read=ReadOptions(text_field=args.text_field, txt_split=args.txt_split, chat_fields=chat),
+        read=ReadOptions(text_field=args.text_field, txt_split=args.txt_split, chat_fields=chat,
+                         parse_special_tokens=args.parse_special_tokens),
         overwrite=args.overwrite, command=["python"] + sys.argv,
     )
     try:

@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     from doge.data.tokenizer import train_tokenizer
     opts = ReadOptions(text_field=args.text_field, txt_split=args.txt_split)
     try:
-        out = train_tokenizer(args.input, args.output, args.vocab_size, opts, args.max_sentences, args.seed, args.threads)
+        out = train_tokenizer(args.input, args.output, args.vocab_size, opts, args.max_sentences, args.seed,
+                              args.threads)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

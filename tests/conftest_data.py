@@ -114,3 +114,14 @@ def shard_rows(datadir: Path, split: str):
     arrays = [np.asarray(datasets.Dataset.from_file(str(Path(datadir) / e["file"])).with_format("numpy")["input_ids"])
               for e in manifest["splits"][split]["shards"]]
     return np.concatenate(arrays) if arrays else np.zeros((0, manifest["seq_len"]), dtype=np.int64)
+
+
+def cli(name: str):
+    """A data_tools/ script as a module, so tests call its main(argv) as the command line does."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "data_tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -23,7 +23,8 @@ SPACE = "\u2581"
 EDGE_TEXTS = [
     "", " ", "   ", "a", " a", "a ", "  leading and trailing  ", "runs   of    spaces and\u00a0no-break",
     "tabs\tand\t\tmore\t ", "new\nlines\n\n\nand \n spaces \n", "\r\x0b\x0c\u3000ideographic\u2003em space",
-    "digits 1234567890 3.14159 -1e-10 2026-11-27", "emoji \U0001f980\U0001f680 \U0001d518\U0001d52b \u9f98 \u00e9\u00e9 \u2211x",
+    "digits 1234567890 3.14159 -1e-10 2026-11-27",
+    "emoji \U0001f980\U0001f680 \U0001d518\U0001d52b \u9f98 \u00e9\u00e9 \u2211x",
     "special <s> in </s> text<pad><unk> and <s>", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
     "a<s>b <s> c<|im_end|>d </s>", f"literal {SPACE} marks {SPACE}{SPACE} a{SPACE}b {SPACE} ", f" {SPACE}", f"{SPACE} ",
     "x" * 3000, "word " * 2000, "def f(x):\n    return x  # comment\n\n\nclass A:\n\tpass\n",
@@ -106,7 +107,8 @@ def spec_variant(change):
 def add_pieces(spec, pieces, merge):
     """New vocabulary pieces (fresh ids) and a merge that goes first."""
     for piece in pieces:
-        spec["model"]["vocab"][piece] = 1 + max([*spec["model"]["vocab"].values(), *(t["id"] for t in spec["added_tokens"])])
+        ids = [*spec["model"]["vocab"].values(), *(t["id"] for t in spec["added_tokens"])]
+        spec["model"]["vocab"][piece] = 1 + max(ids)
     spec["model"]["merges"].insert(0, merge)
 
 
@@ -122,7 +124,8 @@ VIOLATIONS = {
     "character followed by": lambda s: add_pieces(s, [f"e{SPACE}"], ["e", SPACE]),
     "can build a byte piece": lambda s: add_pieces(s, ["<0x4", "1>"], ["<0x4", "1>"]),
     "added token": lambda s: s["added_tokens"].append(
-        {"id": 1 + max(s["model"]["vocab"].values()) + len(s["added_tokens"]), "content": "a b", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+        {"id": 1 + max(s["model"]["vocab"].values()) + len(s["added_tokens"]), "content": "a b",
+         "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
          "special": True}),
     "byte-fallback BPE": lambda s: s["model"].update(byte_fallback=False),
 }
@@ -172,5 +175,6 @@ def test_prepare_uses_the_memoised_encoder_for_a_trained_tokenizer(monkeypatch):
         return used[-1]
 
     monkeypatch.setattr(prepare_module, "make_encoder", recording)
-    prepare_module.prepare(prepare_config([PRETRAIN / "tinyshakespeare.txt"], scratch() / "encoder-used"), progress_bar=False)
+    cfg = prepare_config([PRETRAIN / "tinyshakespeare.txt"], scratch() / "encoder-used")
+    prepare_module.prepare(cfg, progress_bar=False)
     assert [type(e) for e in used] == [MemoEncoder]

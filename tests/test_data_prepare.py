@@ -63,7 +63,8 @@ def test_shards_open_with_datasets_and_manifest_counts_match():
     assert source["documents"] == expected_docs
     total_tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
     assert source["tokens"] == total_tokens
-    assert (manifest["splits"]["train"]["rows"] + manifest["splits"]["val"]["rows"]) * SEQ_LEN - manifest["pad_tokens"] == total_tokens
+    rows = manifest["splits"]["train"]["rows"] + manifest["splits"]["val"]["rows"]
+    assert rows * SEQ_LEN - manifest["pad_tokens"] == total_tokens
     assert source["crlf_normalized"] > 0  # wikitext2 has CRLF line ends
     assert (datadir / "tokenizer" / "tokenizer.json").is_file()
 

@@ -99,7 +99,8 @@ class MemoEncoder:
         encodings = self.backend.encode_batch_fast([t.replace(SPACE, " ") for t in texts], add_special_tokens=False)
         ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.uint32)
         order = joinable + alone
-        counts = _split_by_bytes(ids, self.token_bytes, np.fromiter(map(len, map(str.encode, order)), np.int64, len(order)))
+        word_bytes = np.fromiter(map(len, map(str.encode, order)), np.int64, len(order))
+        counts = _split_by_bytes(ids, self.token_bytes, word_bytes)
         self.index.update(zip(order, range(len(self.index), len(self.index) + len(order))))
         self.chars += chars
         self.starts = np.concatenate([self.starts, len(self.ids) + np.cumsum(counts) - counts])

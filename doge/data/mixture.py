@@ -57,7 +57,8 @@ def integer_weights(weights: list) -> list[int]:
     divisor = math.gcd(*ints)
     ints = [w // divisor for w in ints]
     if sum(ints) > MAX_PERIOD:
-        raise DataError(f"mixture weights {weights} repeat only every {sum(ints)} samples; round them (e.g. to percent)")
+        raise DataError(f"mixture weights {weights} repeat only every {sum(ints)} samples; round them "
+                        "(e.g. to percent)")
     return ints
 
 

@@ -5,17 +5,22 @@ chunk order, so the token stream, and therefore every shard byte, is the same fo
 count. Everything is written under DATADIR.partial/ and renamed to DATADIR when complete. After
 each shard the main process records in progress.json where the next shard starts (chunk index and
 token offset), so a rerun after kill -9 skips finished shards and re-tokenizes only from there.
+An exclusive lock on DATADIR.partial/ keeps a second prepare off the same output.
 """
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +29,7 @@ from doge import atomic
 from doge.data import shards
 from doge.data.encode import make_encoder
 from doge.data.errors import DataError
-from doge.data.sources import STAT_KEYS, ReadOptions, Stats, plan_chunks, read_chunk, resolve_files
+from doge.data.sources import STAT_KEYS, ReadOptions, Stats, check_source, plan_chunks, read_chunk, resolve_files
 from doge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -34,7 +39,11 @@ NOTICES = {
     "utf8_replaced": "replaced invalid UTF-8 with U+FFFD in {} documents",
     "crlf_normalized": "turned CRLF/CR line ends into LF in {} documents",
     "bom_stripped": "removed {} byte-order marks",
+    "special_token_strings": "found {} special-token strings (such as </s>) inside the text",
 }
+SPECIAL_HOW = ("encoded as plain text; pass --parse-special-tokens if they are meant as control tokens",
+               "read as control tokens (--parse-special-tokens)")
+CHAT_SLOTS = ("\x00prompt\x00", "\x00answer\x00")  # stand-ins for the contents when splitting a chat template
 ENCODE_BATCH = 512
 
 
@@ -58,12 +67,33 @@ def prepare(cfg: PrepareConfig, progress_bar: bool = True) -> Path:
     """Run (or resume) a prepare; return the finished DATADIR."""
     out = Path(cfg.output)
     work = out.with_name(out.name + ".partial")
-    if cfg.workers < 1 or cfg.chunk_bytes < 0:
-        raise DataError(f"--workers {cfg.workers} / --chunk-mb: need at least 1 worker and a chunk size >= 0")
-    if out.exists() and not cfg.overwrite:
-        raise DataError(f"{out} already exists; pass --overwrite to replace it or choose another --output")
+    _check_options(cfg)
+    if out.exists():
+        _check_replaceable(out, cfg.overwrite)
     tok = load_tokenizer(cfg.tokenizer)
     chunks, described = plan_chunks(cfg.inputs, cfg.read, cfg.chunk_bytes or auto_chunk_bytes(cfg.inputs))
+    try:
+        with _locked(work):
+            _run(cfg, tok, chunks, described, work, progress_bar)
+    except OSError as exc:  # a full disk, a read-only or vanished location
+        raise _os_error(exc, work) from exc
+    return out
+
+
+def _check_options(cfg: PrepareConfig) -> None:
+    if cfg.workers < 1 or cfg.chunk_bytes < 0:
+        raise DataError(f"--workers {cfg.workers} / --chunk-mb: need at least 1 worker and a chunk size >= 0")
+    if cfg.seq_len < 2:
+        raise DataError(f"--seq-len {cfg.seq_len}: must be at least 2")
+    try:
+        fraction = Fraction(cfg.val_fraction)
+    except (ValueError, ZeroDivisionError):
+        fraction = None
+    if fraction is None or not 0 <= fraction < 1:
+        raise DataError(f"--val-fraction {cfg.val_fraction}: must be a number in [0, 1)")
+
+
+def _run(cfg: PrepareConfig, tok, chunks, described, work: Path, progress_bar: bool) -> None:
     # The workers start on the chunks after the resume point while the layout is hashed and
     # checked (a third of a second); if the check fails, their results are dropped unread.
     with _workers(cfg, tok) as pool:
@@ -74,11 +104,61 @@ def prepare(cfg: PrepareConfig, progress_bar: bool = True) -> Path:
         assert state["chunk"] == start, "progress.json changed while prepare read it"
         try:
             _pack(work, layout, chunks, state, results, progress_bar)
+            _finish(cfg, work, layout, described, state)
         except DataError:
             shutil.rmtree(work, ignore_errors=True)  # bad input: a rerun would fail the same way
             raise
-    _finish(cfg, work, out, layout, described, state)
-    return out
+
+
+@contextmanager
+def _locked(work: Path):
+    """Hold an exclusive lock on the work folder, so a second prepare on the same output stops at
+    once instead of interleaving its shards with ours. The kernel drops it when we die."""
+    work.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataError(f"{work}: another prepare.py is writing this output now; wait for it to finish (or stop "
+                        "it), then rerun") from None
+    except OSError as exc:  # some network filesystems have no flock
+        log.warning("%s: cannot lock (%s); make sure no other prepare.py writes this output", work, exc.strerror)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _os_error(exc: OSError, work: Path) -> DataError:
+    """An OSError as a one-line DataError naming the path and what to do about it."""
+    where = exc.filename or work
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space, then rerun the same command: it continues after the last finished shard"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "choose an --output in a writable location"
+    else:
+        fix = "check the path and the disk, then rerun the same command"
+    return DataError(f"{where}: {exc.strerror or exc}; {fix}")
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """--overwrite replaces only a DATADIR prepare.py wrote, and only when it holds nothing else:
+    raw inputs or notes kept in the output folder must never be deleted."""
+    if not overwrite:
+        raise DataError(f"{out} already exists; pass --overwrite to replace it or choose another --output")
+    try:
+        manifest = shards.read_manifest(out)
+    except DataError:
+        raise DataError(f"{out}: exists and is not a DATADIR written by prepare.py (no valid {shards.MANIFEST}); "
+                        "--overwrite replaces only those: move its contents away or choose another --output") from None
+    own = {shards.MANIFEST, PROGRESS, "tokenizer"} | {e["file"] for split in shards.SPLITS
+                                                         for e in manifest["splits"][split]["shards"]}
+    foreign = sorted(n for n in os.listdir(out) if n not in own and not n.startswith(atomic.TMP_PREFIX))
+    if foreign:
+        raise DataError(f"{out}: holds files prepare.py did not write ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}); --overwrite would delete them: move them out of "
+                        "the folder or choose another --output")
 
 
 def auto_chunk_bytes(inputs: list) -> int:
@@ -92,11 +172,7 @@ def auto_chunk_bytes(inputs: list) -> int:
 def _layout(cfg: PrepareConfig, tok, chunks, described) -> dict:
     """Everything that decides the output bytes; its hash guards resuming against changed input."""
     seq_len = cfg.seq_len
-    if seq_len < 2:
-        raise DataError(f"--seq-len {seq_len}: must be at least 2")
     fraction = Fraction(cfg.val_fraction).limit_denominator(10**6)
-    if not 0 <= fraction < 1:
-        raise DataError(f"--val-fraction {cfg.val_fraction}: must be in [0, 1)")
     layout = {
         "seq_len": seq_len,
         "dtype": shards.dtype_for_vocab(len(tok)),
@@ -153,9 +229,38 @@ def _workers(cfg: PrepareConfig, tok):
     """Forked tokenizing processes. They inherit the encoder, built once here, and `tok` itself
     (for chat templates), so none of them loads or checks the tokenizer again."""
     ctx = multiprocessing.get_context("fork")
+    special = _special_pattern(tok)
+    chat = _chat_runs_template(tok, special) if cfg.read.chat_fields and not cfg.read.parse_special_tokens else None
     init = (make_encoder(tok.backend_tokenizer), tok, tok.eos_token_id, cfg.read, shards.dtype_for_vocab(len(tok)),
-            cfg.workers > 1)
+            cfg.workers > 1, special, chat)
     return ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init)
+
+
+def _special_pattern(tok) -> re.Pattern:
+    """Matches the strings of the tokenizer's special tokens (longest first)."""
+    strings = sorted({t.content for t in tok.backend_tokenizer.get_added_tokens_decoder().values() if t.special},
+                     key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, strings)) or "(?!)")
+
+
+def _chat_runs_template(tok, special: re.Pattern) -> list:
+    """The chat template cut around the two message contents: three pieces, each a list of text
+    runs and special-token ids. The template's own control tokens stay tokens, while the contents,
+    later put between the pieces, are encoded as text whatever they contain."""
+    pieces = re.split("|".join(map(re.escape, CHAT_SLOTS)), _render_chat(tok, CHAT_SLOTS))
+    if len(pieces) != 3:
+        raise DataError(f"{tok.name_or_path}: the chat template does not show each message's content once; pass "
+                        "--parse-special-tokens to tokenize the rendered chat as a whole")
+    return [_split_special(piece, special, tok) for piece in pieces]
+
+
+def _split_special(text: str, special: re.Pattern, tok) -> list:
+    """text -> [text run, token id, text run, ...] cut at special-token strings."""
+    runs, pos = [], 0
+    for match in special.finditer(text):
+        runs += [text[pos : match.start()], tok.convert_tokens_to_ids(match.group())]
+        pos = match.end()
+    return runs + [text[pos:]]
 
 
 def _pack(work: Path, layout: dict, chunks, state: dict, results, progress_bar: bool) -> None:
@@ -192,17 +297,21 @@ def _in_order(pool, func, items, pending: deque):
 _WORKER: dict = {}
 
 
-def _init_worker(encoder, tok, eos: int, opts: ReadOptions, dtype: str, single_thread: bool) -> None:
-    """One tokenizer thread per worker when there are several workers."""
+def _init_worker(encoder, tok, eos: int, opts: ReadOptions, dtype: str, single_thread: bool, special, chat) -> None:
+    """One tokenizer thread per worker when there are several workers. Unless special tokens are
+    to be parsed, the worker's own (forked) copy of the tokenizer reads their strings as text."""
     if single_thread:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(encoder=encoder, tok=tok, eos=eos, opts=opts, dtype=np.dtype(dtype))
+    encoder.backend.encode_special_tokens = not opts.parse_special_tokens
+    _WORKER.update(encoder=encoder, tok=tok, eos=eos, opts=opts, dtype=np.dtype(dtype), special=special, chat=chat)
 
 
 def _tokenize_chunk(chunk):
     """One chunk -> (all its documents' tokens, each followed by EOS, as one array; stats)."""
     stats = Stats()
     docs = list(read_chunk(chunk, _WORKER["opts"], stats))
+    texts = chain.from_iterable(docs) if _WORKER["opts"].chat_fields else docs
+    stats.special_token_strings = sum(len(_WORKER["special"].findall(t)) for t in texts)
     pieces = []
     for start in range(0, len(docs), ENCODE_BATCH):
         pieces.append(_encode(docs[start : start + ENCODE_BATCH]))
@@ -212,11 +321,13 @@ def _tokenize_chunk(chunk):
 
 
 def _encode(docs: list) -> np.ndarray:
-    """Tokenize with the tokenizer's own special tokens (BOS if it adds one), then append EOS
-    to each document that does not already end with it."""
+    """Tokenize (BOS if the tokenizer adds one), then append EOS to each document that does not
+    already end with it."""
     encoder, eos = _WORKER["encoder"], _WORKER["eos"]
-    if _WORKER["opts"].chat_fields:
-        ids, lengths = encoder.encode([_render_chat(d) for d in docs], add_special_tokens=False)
+    if _WORKER["chat"]:
+        ids, lengths = _encode_chat(docs)
+    elif _WORKER["opts"].chat_fields:
+        ids, lengths = encoder.encode([_render_chat(_WORKER["tok"], d) for d in docs], add_special_tokens=False)
     else:
         ids, lengths = encoder.encode(docs, add_special_tokens=True)
     ends = np.cumsum(lengths)
@@ -225,10 +336,39 @@ def _encode(docs: list) -> np.ndarray:
     return np.insert(ids, ends[~has_eos], eos).astype(_WORKER["dtype"], copy=False)
 
 
-def _render_chat(parts: tuple) -> str:
+def _encode_chat(docs: list) -> tuple:
+    """Chats with the contents as text: each document is the template's runs with the contents
+    put in; adjacent text is joined (as the whole rendered string would be tokenized between its
+    control tokens) and all text runs of the batch are encoded in one call."""
+    runs = [_join_text(_fill_template(_WORKER["chat"], parts)) for parts in docs]
+    texts = [r for doc in runs for r in doc if isinstance(r, str)]
+    text_ids, lengths = _WORKER["encoder"].encode(texts, add_special_tokens=False)
+    encoded = iter(np.split(text_ids, np.cumsum(lengths)[:-1]))
+    pieces = [[next(encoded) if isinstance(r, str) else np.array([r], np.uint32) for r in doc] for doc in runs]
+    return np.concatenate([p for doc in pieces for p in doc]), np.array([sum(map(len, doc)) for doc in pieces])
+
+
+def _fill_template(template: list, parts: tuple) -> list:
+    filled = list(template[0])
+    for content, after in zip(parts, template[1:]):
+        filled += [content, *after]
+    return filled
+
+
+def _join_text(runs: list) -> list:
+    joined = []
+    for run in runs:
+        if isinstance(run, str) and joined and isinstance(joined[-1], str):
+            joined[-1] += run
+        else:
+            joined.append(run)
+    return joined
+
+
+def _render_chat(tok, parts: tuple) -> str:
     """(prompt, answer) -> the tokenizer's chat template text (user turn, assistant turn)."""
     messages = [{"role": "user", "content": parts[0]}, {"role": "assistant", "content": parts[1]}]
-    return _WORKER["tok"].apply_chat_template(messages, tokenize=False)
+    return tok.apply_chat_template(messages, tokenize=False)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -322,8 +462,9 @@ class Packer:
 
 
 # ----------------------------------------------------------------------------- manifest
-def _finish(cfg: PrepareConfig, work: Path, out: Path, layout: dict, described, state: dict) -> None:
-    """Write the manifest, then make the DATADIR visible with one rename."""
+def _finish(cfg: PrepareConfig, work: Path, layout: dict, described, state: dict) -> None:
+    """Check every source gave text, write the manifest, then make the DATADIR visible with one rename."""
+    out = Path(cfg.output)
     splits = {
         split: {
             "rows": sum(e["rows"] for e in state[split]),
@@ -333,12 +474,14 @@ def _finish(cfg: PrepareConfig, work: Path, out: Path, layout: dict, described, 
         for split in shards.SPLITS
     }
     sources = [dict(d, **state["sources"].get(str(i), dict.fromkeys(STAT_KEYS, 0))) for i, d in enumerate(described)]
+    for source in sources:
+        check_source(source["spec"], source)
     manifest = {
         "format": shards.FORMAT,
         "version": shards.VERSION,
         "seq_len": layout["seq_len"],
         "dtype": layout["dtype"],
-        "tokenizer": layout["tokenizer"],
+        "tokenizer": dict(layout["tokenizer"], files=_file_hashes(work / "tokenizer")),
         "splits": splits,
         "val_fraction": layout["val_fraction"],
         "val_rows": layout["val_rows"],
@@ -347,10 +490,23 @@ def _finish(cfg: PrepareConfig, work: Path, out: Path, layout: dict, described, 
         "options": {"read": layout["read"], "shard_rows": layout["shard_rows"], "chunks": len(layout["chunks"])},
         "command": list(cfg.command),
     }
+    _log_notices(sources, cfg.read)
+    atomic.write_json(work / shards.MANIFEST, manifest)
+    if out.exists():  # made by someone else while we worked
+        _check_replaceable(out, cfg.overwrite)
+    atomic.publish_dir(work, out, replace=True)
+    (out / PROGRESS).unlink()  # after the rename: a kill in between leaves a complete DATADIR
+
+
+def _file_hashes(folder: Path) -> dict:
+    """sha256 of each file of the tokenizer copy: the loader checks them, since checkpoints ship them."""
+    return {p.relative_to(folder).as_posix(): shards.sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _log_notices(sources: list, read: ReadOptions) -> None:
     for source in sources:
         for key, text in NOTICES.items():
             if source[key]:
-                log.warning("%s: %s (counted in manifest.json sources[].%s)", source["spec"], text.format(source[key]), key)
-    atomic.write_json(work / shards.MANIFEST, manifest)
-    atomic.publish_dir(work, out, replace=True)
-    (out / PROGRESS).unlink()  # after the rename: a kill in between leaves a complete DATADIR
+                how = f"; {SPECIAL_HOW[read.parse_special_tokens]}" if key == "special_token_strings" else ""
+                log.warning("%s: %s%s (counted in manifest.json sources[].%s)", source["spec"],
+                            text.format(source[key]), how, key)

@@ -8,6 +8,8 @@ chunk size, never on the worker count: that is what makes prepare's output repro
 import glob as globlib
 import gzip
 import json
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,16 +20,20 @@ JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 TXT_SPLITS = ("paragraph", "line", "file")
 BOM = b"\xef\xbb\xbf"
-STAT_KEYS = ("documents", "tokens", "skipped_empty", "utf8_replaced", "crlf_normalized", "bom_stripped")
+STAT_KEYS = ("documents", "tokens", "skipped_empty", "utf8_replaced", "crlf_normalized", "bom_stripped",
+             "special_token_strings")
 
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How records become documents. `chat_fields` (prompt, answer) switches to chat records."""
+    """How records become documents. `chat_fields` (prompt, answer) switches to chat records.
+    `parse_special_tokens` reads strings such as `</s>` inside the text as the control tokens
+    themselves (for pre-rendered chat data); by default they are text like any other."""
 
     text_field: str = "text"
     txt_split: str = "paragraph"
     chat_fields: tuple = ()
+    parse_special_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class Stats:
     utf8_replaced: int = 0
     crlf_normalized: int = 0
     bom_stripped: int = 0
+    special_token_strings: int = 0
 
     def add(self, other: "Stats") -> None:
         for key in STAT_KEYS:
@@ -110,7 +117,8 @@ def parse_hub_spec(spec: str):
     """`hf:NAME[:CONFIG[:SPLIT]]` -> (name, config or None, split)."""
     parts = spec[3:].split(":")
     if not parts[0] or len(parts) > 3:
-        raise DataError(f"{spec}: write a hub data set as hf:NAME[:CONFIG[:SPLIT]], e.g. hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2:train")
+        raise DataError(f"{spec}: write a hub data set as hf:NAME[:CONFIG[:SPLIT]], e.g. "
+                        "hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2:train")
     name, config, split = (parts + [None, None])[:3]
     return name, config or None, split or "train"
 
@@ -168,7 +176,7 @@ def _split_points(path: Path, size: int, chunk_bytes: int, mode: str) -> list[in
 
 def _json_flavour(path: Path, compressed: bool) -> str:
     """`.json` files are JSON Lines unless they start with `[` (an array, read whole)."""
-    with _open_binary(path, compressed) as f:
+    with _reading(path, compressed) as f:
         head = f.read(4096).lstrip(BOM).lstrip()
     return "json" if head.startswith(b"[") else "jsonl"
 
@@ -177,7 +185,7 @@ def _check_first_record(path: Path, kind: str, compressed: bool, opts: ReadOptio
     """Fail before any work starts when the first record lacks the field (the usual mistake)."""
     if kind != "jsonl":
         return
-    with _open_binary(path, compressed) as f:
+    with _reading(path, compressed) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 _record_fields(_parse_json_line(line, path, f"line {lineno}"), opts, path, f"line {lineno}")
@@ -246,7 +254,7 @@ def read_chunk(chunk: Chunk, opts: ReadOptions, stats: Stats):
 
 
 def _read_range(chunk: Chunk) -> bytes:
-    with _open_binary(Path(chunk.path), chunk.compressed) as f:
+    with _reading(Path(chunk.path), chunk.compressed) as f:
         if chunk.compressed:
             return f.read()
         f.seek(chunk.start)
@@ -426,13 +434,35 @@ def _parquet_columns(chunk: Chunk, opts: ReadOptions):
     return [table.column(name).to_pylist() for name in _wanted_fields(opts)]
 
 
-def _open_binary(path: Path, compressed: bool):
-    return gzip.open(path, "rb") if compressed else open(path, "rb")
+@contextmanager
+def _reading(path: Path, compressed: bool):
+    """The file opened for binary reads; a truncated or mislabelled .gz becomes a DataError naming
+    it (gzip raises EOFError or BadGzipFile, which read as crashes)."""
+    try:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
+            yield f
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(f"{path}: not a complete gzip file ({exc}); re-download it, or rename it without .gz "
+                        "if it is not compressed") from exc
+
+
+def check_source(spec: str, counts: dict) -> None:
+    """Refuse a source that gave no text, or mostly undecodable bytes (a binary file read as
+    text): either would quietly train on nothing, or on U+FFFD."""
+    if counts["documents"] == 0:
+        raise DataError(f"{spec}: no text ({counts['skipped_empty']} empty or whitespace-only documents); point "
+                        "--input at files with text, or pass the --text-field that holds it")
+    if counts["utf8_replaced"] * 2 > counts["documents"]:
+        raise DataError(f"{spec}: {counts['utf8_replaced']} of {counts['documents']} documents are not valid UTF-8 "
+                        "(binary data?); pass text files (decompress or convert them first)")
 
 
 def iter_documents(specs: list[str], opts: ReadOptions, chunk_bytes: int = 1 << 25):
-    """All documents of all sources in order (used by tokenizer training)."""
+    """All documents of all sources in order (used by tokenizer training); after the last one,
+    each source is checked with check_source."""
     chunks, _ = plan_chunks(specs, opts, chunk_bytes)
-    stats = Stats()
+    stats = [Stats() for _ in specs]
     for chunk in chunks:
-        yield from read_chunk(chunk, opts, stats)
+        yield from read_chunk(chunk, opts, stats[chunk.source])
+    for spec, counts in zip(specs, stats):
+        check_source(spec, counts.as_dict())

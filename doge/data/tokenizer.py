@@ -2,12 +2,13 @@
 
 sentencepiece learns the vocabulary and merges (byte fallback, so nothing is ever unknown);
 the `tokenizers` library then runs them: spaces shown as U+2581 and nothing else normalised, so
-decode(encode(text)) == text for any text without a literal U+2581. The fingerprint identifies what a tokenizer does, so data prepared with
-one tokenizer cannot silently be trained with another.
+decode(encode(text)) == text for any text without a literal U+2581. The fingerprint identifies what
+a tokenizer does, so data prepared with one tokenizer cannot silently be trained with another.
 """
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 MAX_SENTENCE_BYTES = 8192
+BYTE_PIECES = 256
+MIN_VOCAB = BYTE_PIECES + len(SPECIAL_TOKENS) + len(CHAT_TOKENS) + 1  # and at least one character
 
 
 def train_tokenizer(
@@ -43,13 +46,18 @@ def train_tokenizer(
     output = Path(output)
     if output.exists():
         raise DataError(f"{output} already exists; remove it or pick another --output")
+    if vocab_size < MIN_VOCAB:
+        raise DataError(f"--vocab-size {vocab_size}: must be at least {MIN_VOCAB} ({BYTE_PIECES} byte pieces, "
+                        f"{len(SPECIAL_TOKENS)} special and {len(CHAT_TOKENS)} chat tokens, plus one per distinct "
+                        "character); Doge uses 32768")
     output.parent.mkdir(parents=True, exist_ok=True)  # the staging folder lives beside the output
     with tempfile.TemporaryDirectory(prefix=".train_tokenizer-", dir=output.parent) as tmp:
         spm.set_random_generator_seed(seed)
         docs = tqdm(iter_documents(inputs, opts), desc="documents", unit=" docs", mininterval=1.0)
+        input_errors = []
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=_sentences(docs),
+                sentence_iterator=_kept_errors(_sentences(docs), input_errors),
                 model_prefix=os.path.join(tmp, "spm"),
                 model_type="bpe",
                 vocab_size=vocab_size - len(CHAT_TOKENS),
@@ -71,14 +79,37 @@ def train_tokenizer(
                 minloglevel=2,
             )
         except RuntimeError as exc:
-            raise DataError(f"sentencepiece training on {', '.join(inputs)} failed: {exc}; "
-                            "a smaller --vocab-size or more text usually fixes it") from exc
+            raise (input_errors[0] if input_errors else _training_error(exc, inputs, vocab_size)) from exc
         staged = atomic.fresh_staging_dir(output)
         _to_transformers(Path(tmp) / "spm.model").save_pretrained(staged)
         if output.exists():
             raise DataError(f"{output} appeared while training; remove it or pick another --output")
         atomic.publish_dir(staged, output)
     return output
+
+
+def _kept_errors(sentences, errors: list):
+    """Pass sentences on; keep a DataError from reading the input, which sentencepiece would bury in
+    its own error text, so the caller can raise it as it is."""
+    try:
+        yield from sentences
+    except DataError as exc:
+        errors.append(exc)
+        raise
+
+
+def _training_error(exc: RuntimeError, inputs: list, vocab_size: int) -> DataError:
+    """sentencepiece's failure as advice: its checks on the vocabulary size, in our flag's terms."""
+    text = str(exc)
+    if chars := re.search(r"smaller than required_chars\. \d+ vs (\d+)", text):
+        needed = int(chars.group(1)) + len(CHAT_TOKENS)
+        distinct = needed - MIN_VOCAB + 1
+        return DataError(f"--vocab-size {vocab_size} is too small for the {distinct} distinct characters of the text; "
+                         f"pass --vocab-size {needed} or more")
+    if most := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", text):
+        return DataError(f"--vocab-size {vocab_size} is more than this text supports "
+                         f"({int(most.group(1)) + len(CHAT_TOKENS)}); pass a smaller --vocab-size or more text")
+    return DataError(f"sentencepiece training on {', '.join(inputs)} failed: {text.splitlines()[0]}")
 
 
 def _sentences(docs):
@@ -104,7 +135,8 @@ def _to_transformers(model_file: Path):
     from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
     extracted = SentencePieceExtractor(str(model_file)).extract(models.BPE)
-    backend = Tokenizer(models.BPE(vocab=extracted["vocab"], merges=extracted["merges"], byte_fallback=True, fuse_unk=True))
+    model = models.BPE(vocab=extracted["vocab"], merges=extracted["merges"], byte_fallback=True, fuse_unk=True)
+    backend = Tokenizer(model)
     backend.normalizer = normalizers.Replace(" ", "\u2581")
     # No pre-tokenizer: sentencepiece never learned a merge across a word start, so BPE over the
     # whole text gives the per-word result, faster (measured: ~1.7x) than splitting first.
