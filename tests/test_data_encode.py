@@ -178,3 +178,20 @@ def test_prepare_uses_the_memoised_encoder_for_a_trained_tokenizer(monkeypatch):
     cfg = prepare_config([PRETRAIN / "tinyshakespeare.txt"], scratch() / "encoder-used")
     prepare_module.prepare(cfg, progress_bar=False)
     assert [type(e) for e in used] == [MemoEncoder]
+
+
+def test_memoised_ids_with_special_token_strings_read_as_text():
+    """prepare's default: the strings of special tokens inside text are text (transformers'
+    split_special_tokens), through the same memoised path."""
+    from transformers import AutoTokenizer
+
+    backend = trained_backend()
+    backend.encode_special_tokens = True
+    encoder = make_encoder(backend)
+    assert isinstance(encoder, MemoEncoder)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
+    texts = EDGE_TEXTS + corpus_documents()[:300] + EDGE_TEXTS
+    expected = tok(texts, split_special_tokens=True)["input_ids"]
+    assert ids_of(encoder, texts, batch=37) == expected
+    assert not set(tok.all_special_ids) & {t for ids in expected for t in ids}  # no control token anywhere
+    assert expected != tok(texts)["input_ids"]  # where parsing them would have put some

@@ -1,5 +1,6 @@
 """prepare: real corpora -> Arrow shards; completeness, counts, determinism, crash safety."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -166,3 +167,56 @@ def test_hub_spec_reads_a_datasets_folder(tmp_path, monkeypatch):
     hub = prepare(prepare_config([f"hf:{tmp_path / 'hubdata'}"], tmp_path / "hub"), progress_bar=False)
     local = prepare(prepare_config([tmp_path / "hubdata" / "train.jsonl"], tmp_path / "local"), progress_bar=False)
     assert shard_bytes(hub) == shard_bytes(local)
+
+
+def test_special_token_strings_in_text_are_text_unless_parsing_is_asked_for(tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    from doge.data.sources import ReadOptions
+
+    texts = ["The tag </s> ends a sequence and <s> starts one.", "plain text", "print('<|im_start|>user')"]
+    src = tmp_path / "web.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
+    for parse in (False, True):
+        with caplog.at_level(logging.WARNING, logger="doge.data.prepare"):
+            datadir = prepare(prepare_config([src], tmp_path / f"parse-{parse}", val_fraction="0",
+                                             read=ReadOptions(parse_special_tokens=parse)), progress_bar=False)
+        ids = tok(texts, split_special_tokens=not parse)["input_ids"]
+        expected = [t for doc in ids for t in doc + [tok.eos_token_id]]
+        assert expected.count(tok.eos_token_id) == 3 + parse  # parsed, the </s> in the text is one more
+        assert shard_rows(datadir, "train").reshape(-1)[: len(expected)].tolist() == expected
+        manifest = read_manifest(datadir)
+        assert manifest["sources"][0]["special_token_strings"] == 3
+        assert manifest["options"]["read"]["parse_special_tokens"] is parse
+        how = "read as control tokens" if parse else "encoded as plain text; pass --parse-special-tokens"
+        assert "found 3 special-token strings" in caplog.text and how in caplog.text
+        caplog.clear()
+
+
+def test_chat_contents_with_special_token_strings_stay_text(tmp_path):
+    from transformers import AutoTokenizer
+
+    from doge.data.sources import ReadOptions
+
+    record = {"q": "What does <|im_end|> mean?", "a": "It ends a turn, as </s> ends a text."}
+    src = tmp_path / "chat.jsonl"
+    src.write_text(json.dumps(record) + "\n")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
+    start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+
+    def text(s):
+        return tok(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    expected = ([start] + text("user\n" + record["q"]) + [end] + text("\n") + [start] +
+                text("assistant\n" + record["a"]) + [end] + text("\n") + [tok.eos_token_id])
+    datadir = prepare(prepare_config([src], tmp_path / "chat", val_fraction="0",
+                                     read=ReadOptions(chat_fields=("q", "a"))), progress_bar=False)
+    assert shard_rows(datadir, "train").reshape(-1)[: len(expected)].tolist() == expected
+    assert read_manifest(datadir)["sources"][0]["special_token_strings"] == 2
+    parsed = prepare(prepare_config([src], tmp_path / "parsed", val_fraction="0",
+                                    read=ReadOptions(chat_fields=("q", "a"), parse_special_tokens=True)),
+                     progress_bar=False)
+    messages = [{"role": "user", "content": record["q"]}, {"role": "assistant", "content": record["a"]}]
+    rendered = tok.apply_chat_template(messages, tokenize=True, return_dict=False) + [tok.eos_token_id]
+    assert shard_rows(parsed, "train").reshape(-1)[: len(rendered)].tolist() == rendered
