@@ -12,7 +12,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",
-        "transformers>=5.0,<6",
+        "transformers>=5.18,<6",
         "datasets>=3.0",
         "sentencepiece>=0.2",
         "tokenizers>=0.21",
@@ -24,5 +24,5 @@ setup(
         "matplotlib>=3.5",
         "psutil>=5.9",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"]},
 )

@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 from conftest import distinct_tokens, tiny_config
+from packaging.version import Version
 
 from doge import DogeForCausalLM
 from doge.model.cdmoe import load_balancing_loss
@@ -54,6 +55,9 @@ def test_dma_bias_gradients_match_materialised_mask(pair, window, length):
     assert any(g_ours[n].abs().max() > 0 for n in g_ours if "dt_proj" in n)
 
 
+@pytest.mark.skipif(Version(transformers.__version__) < Version("5.23"),
+                    reason="stock's aux loss before 5.23 reads each expert's router probability at the wrong index "
+                           "(its softmax over candidate pairs is not scattered to the pairs' expert ids)")
 def test_load_balancing_loss_matches_stock_formula(pair):
     ours, _ = pair(seed=13, **MOE)
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(13))

@@ -86,9 +86,10 @@ def test_cdmoe_matches_stock_one_token_at_a_time(pair):
         full = ours(x).logits
         ours_cache, stock_cache, worst = None, None, 0.0
         for t in range(x.shape[1]):
-            o = ours(x[:, t:t + 1], cache=ours_cache, use_cache=True)
-            s = stock(x[:, t:t + 1], cache=stock_cache, use_cache=True)
-            ours_cache, stock_cache = o.cache, s.cache
+            # `past_key_values`: the cache's name in every transformers 5.x (newer ones also say `cache`)
+            o = ours(x[:, t:t + 1], past_key_values=ours_cache, use_cache=True)
+            s = stock(x[:, t:t + 1], past_key_values=stock_cache, use_cache=True)
+            ours_cache, stock_cache = o.past_key_values, s.past_key_values
             worst = max(worst, (o.logits[0, -1] - s.logits[0, -1]).abs().max().item(),
                         (full[0, t] - s.logits[0, -1]).abs().max().item())
     assert worst <= 1e-4

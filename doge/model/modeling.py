@@ -25,6 +25,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from doge.model.cdmoe import DogeCDMoE, DogeMLP, load_balancing_loss
 from doge.model.configuration import DogeConfig
@@ -32,15 +34,6 @@ from doge.model.dma import dma_attention, dynamic_bias, eager_dma_attention
 from doge.model.loss import fused_causal_lm_loss
 from doge.model.rope import DogeRotaryEmbedding, apply_rotary, head_dim_of
 
-try:  # newer transformers 5.x: config defaults and output capture are two decorators
-    from transformers.utils.generic import merge_with_config_defaults
-    from transformers.utils.output_capturing import OutputRecorder, capture_outputs
-
-    def model_inputs(forward):
-        return merge_with_config_defaults(capture_outputs(forward))
-except ImportError:  # older 5.x: `check_model_inputs` does both
-    from transformers.utils.generic import OutputRecorder
-    from transformers.utils.generic import check_model_inputs as model_inputs
 
 
 class DogeRMSNorm(nn.Module):
@@ -181,7 +174,8 @@ class DogeModel(DogePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    @model_inputs
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, use_cache=None, cache_position=None, past_key_values=None,
                 **kwargs) -> MoeModelOutputWithPast:
