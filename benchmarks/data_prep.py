@@ -8,9 +8,11 @@ Measured in one run, on the same documents and tokenizer:
             batched) appending EOS -> map(group_texts, batched) -> save_to_disk; with num_proc
             1 and 2 (fresh datasets cache each time, so nothing is reused)
   prepare   doge.data.prepare with --workers 2, writing shards + manifest
-and the loader's samples/s (rank_batch of 32 x seq_len from the prepared DATADIR). Wall-clock
-tokens/s and tokens per CPU-second (self + children) are both reported: on a shared machine the
-second is the steadier measure of work done.
+and the loader's samples/s (rank_batch of 32 x seq_len from the prepared DATADIR, freshly opened),
+with each shard's sha256 checked on first use (the default) and without, plus the speed of that
+check in GB/s, which sets its one-off cost per shard and process. Wall-clock tokens/s and tokens
+per CPU-second (self + children) are both reported: on a shared machine the second is the
+steadier measure of work done.
 
   python benchmarks/data_prep.py [--tokenizer TOKDIR] [--vocab-size 32768] [--seq-len 2048]
 """
@@ -122,14 +124,35 @@ def ours(tokenizer_dir: Path, seq_len: int, workers: int, work: Path) -> int:
     return manifest["sources"][0]["tokens"]
 
 
-def loader_rate(datadir: Path) -> float:
+def loader_rate(datadir: Path, verify: bool) -> float:
+    """Samples/s over 200 batches from a fresh open, so first-use checks are inside the timing."""
     from doge.data import open_pretrain_data
 
-    data = open_pretrain_data(datadir, seed=0)
+    data = open_pretrain_data(datadir, seed=0, verify_sha256=verify)
     start, batches = time.perf_counter(), 200
     for step in range(batches):
         data.rank_batch(step * 32, 32, 0, 1)
     return batches * 32 / (time.perf_counter() - start)
+
+
+def integrity_cost(datadir: Path, repeats: int) -> dict:
+    """Loader samples/s with and without the per-shard sha256 check (best of interleaved rounds),
+    and the check's own speed over every shard of the DATADIR."""
+    from doge.data import shards
+
+    best = {True: 0.0, False: 0.0}
+    for _ in range(repeats):
+        for verify in best:
+            best[verify] = max(best[verify], loader_rate(datadir, verify))
+    manifest = shards.read_manifest(datadir)
+    entries = [e for split in shards.SPLITS for e in manifest["splits"][split]["shards"]]
+    opened = [shards.open_shard(datadir / e["file"], e, manifest["seq_len"], manifest["dtype"])[1] for e in entries]
+    start = time.perf_counter()
+    for entry, content in zip(entries, opened):
+        shards.verify_shard(datadir / entry["file"], entry, content)
+    return {"loader_samples_per_s": best[True], "loader_samples_per_s_unverified": best[False],
+            "sha256_check_gb_per_s": sum(e["bytes"] for e in entries) / (time.perf_counter() - start) / 1e9,
+            "shard_bytes": sum(e["bytes"] for e in entries)}
 
 
 def main(argv=None) -> int:
@@ -162,7 +185,7 @@ def main(argv=None) -> int:
             results[f"{name}_tokens_per_cpu_s"] = tokens / cpu
             results[f"{name}_tokens"] = tokens
         results["load_average"] = os.getloadavg()[0]
-        results["loader_samples_per_s"] = loader_rate(ours.last)
+        results.update(integrity_cost(ours.last, args.repeats))
     best_baseline = max(results["baseline_num_proc1_tokens_per_s"], results["baseline_num_proc2_tokens_per_s"])
     results["speedup_vs_best_baseline"] = results[f"prepare_workers{args.workers}_tokens_per_s"] / best_baseline
     results["speedup_vs_obvious_baseline"] = (results[f"prepare_workers{args.workers}_tokens_per_s"]

@@ -128,6 +128,9 @@ def test_read_only_output_location(capsys):
     fails_cleanly(capsys, "prepare", prepare_args([PRETRAIN / "tinyshakespeare.txt"], Path("/sys/doge-out/data")),
                   r"/sys/doge-out: (Operation not permitted|Permission denied); "
                   "choose an --output in a writable location")
+    fails_cleanly(capsys, "train_tokenizer", ["--input", str(PRETRAIN / "tinyshakespeare.txt"), "--output",
+                                              "/sys/doge-out/tok"],
+                  r"/sys/doge-out: (Operation not permitted|Permission denied); choose an --output")
     assert not Path("/sys/doge-out").exists()
 
 

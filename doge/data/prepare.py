@@ -7,7 +7,6 @@ each shard the main process records in progress.json where the next shard starts
 token offset), so a rerun after kill -9 skips finished shards and re-tokenizes only from there.
 An exclusive lock on DATADIR.partial/ keeps a second prepare off the same output.
 """
-import errno
 import fcntl
 import hashlib
 import json
@@ -28,7 +27,7 @@ import numpy as np
 from doge import atomic
 from doge.data import shards
 from doge.data.encode import make_encoder
-from doge.data.errors import DataError
+from doge.data.errors import DataError, from_os_error
 from doge.data.sources import STAT_KEYS, ReadOptions, Stats, check_source, plan_chunks, read_chunk, resolve_files
 from doge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -76,7 +75,7 @@ def prepare(cfg: PrepareConfig, progress_bar: bool = True) -> Path:
         with _locked(work):
             _run(cfg, tok, chunks, described, work, progress_bar)
     except OSError as exc:  # a full disk, a read-only or vanished location
-        raise _os_error(exc, work) from exc
+        raise from_os_error(exc, work) from exc
     return out
 
 
@@ -128,18 +127,6 @@ def _locked(work: Path):
         yield
     finally:
         os.close(fd)
-
-
-def _os_error(exc: OSError, work: Path) -> DataError:
-    """An OSError as a one-line DataError naming the path and what to do about it."""
-    where = exc.filename or work
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free space, then rerun the same command: it continues after the last finished shard"
-    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = "choose an --output in a writable location"
-    else:
-        fix = "check the path and the disk, then rerun the same command"
-    return DataError(f"{where}: {exc.strerror or exc}; {fix}")
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from doge import atomic
-from doge.data.errors import DataError
+from doge.data.errors import DataError, from_os_error
 from doge.data.sources import ReadOptions, iter_documents
 
 SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
@@ -26,6 +26,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 MAX_SENTENCE_BYTES = 8192
+SPM_OPTIONS = dict(  # byte-fallback BPE on the text exactly as given (see the module docstring)
+    model_type="bpe", byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
+    remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
+    max_sentence_length=MAX_SENTENCE_BYTES, shuffle_input_sentence=True, character_coverage=0.9995,
+    unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2,
+)
 BYTE_PIECES = 256
 MIN_VOCAB = BYTE_PIECES + len(SPECIAL_TOKENS) + len(CHAT_TOKENS) + 1  # and at least one character
 
@@ -40,10 +46,18 @@ def train_tokenizer(
     threads: int = 0,
 ) -> Path:
     """Train on the documents of `inputs` and write a tokenizer folder to `output` atomically."""
+    output = Path(output)
+    try:
+        return _train(inputs, output, vocab_size, opts, max_sentences, seed, threads)
+    except OSError as exc:  # a full disk, a read-only or vanished location
+        raise from_os_error(exc, output) from exc
+
+
+def _train(inputs: list[str], output: Path, vocab_size: int, opts: ReadOptions, max_sentences: int, seed: int,
+           threads: int) -> Path:
     import sentencepiece as spm
     from tqdm import tqdm
 
-    output = Path(output)
     if output.exists():
         raise DataError(f"{output} already exists; remove it or pick another --output")
     if vocab_size < MIN_VOCAB:
@@ -59,24 +73,10 @@ def train_tokenizer(
             spm.SentencePieceTrainer.train(
                 sentence_iterator=_kept_errors(_sentences(docs), input_errors),
                 model_prefix=os.path.join(tmp, "spm"),
-                model_type="bpe",
                 vocab_size=vocab_size - len(CHAT_TOKENS),
-                byte_fallback=True,
-                normalization_rule_name="identity",
-                add_dummy_prefix=False,
-                remove_extra_whitespaces=False,
-                allow_whitespace_only_pieces=True,
-                split_digits=True,
-                max_sentence_length=MAX_SENTENCE_BYTES,
                 input_sentence_size=max_sentences,
-                shuffle_input_sentence=True,
-                character_coverage=0.9995,
-                unk_id=0,
-                bos_id=1,
-                eos_id=2,
-                pad_id=3,
                 num_threads=threads or os.cpu_count() or 1,
-                minloglevel=2,
+                **SPM_OPTIONS,
             )
         except RuntimeError as exc:
             raise (input_errors[0] if input_errors else _training_error(exc, inputs, vocab_size)) from exc
