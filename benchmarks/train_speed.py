@@ -37,7 +37,8 @@ def run_case(data: str, preset: str, precision: str, steps: int, seq_len: int, m
                str(batch * seq_len), "--warmup-steps", "1", "--decay-steps", "1", "--log-interval", "1",
                "--save-interval", "0", "--eval-interval", "0", "--export", "false", "--wandb", "off"]
         env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO),
-                   TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")))
+                   TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                       str(REPO / ".cache" / "torch_extensions")))
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")

@@ -14,6 +14,7 @@ _LAZY = {
     "DogeForCausalLM": "doge.model.modeling",
     "DogeModel": "doge.model.modeling",
     "DogePreTrainedModel": "doge.model.modeling",
+    "DogeForSequenceClassification": "doge.model.modeling",
 }
 
 __all__ = list(_LAZY)

@@ -43,7 +43,8 @@ def export(ckpt: Path, outdir: Path, replace: bool = False) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpt", help="checkpoint folder RUNDIR/checkpoints/step-XXXXXXXX (or RUNDIR/checkpoints/latest's target)")
+    parser.add_argument("ckpt", help="checkpoint folder RUNDIR/checkpoints/step-XXXXXXXX "
+                                     "(or RUNDIR/checkpoints/latest's target)")
     parser.add_argument("outdir", help="new folder for the Hugging Face export")
     args = parser.parse_args(argv)
     try:

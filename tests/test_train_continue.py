@@ -1,4 +1,4 @@
-"""Acceptance 6: continue from a stable-phase checkpoint with a new schedule on new data, into a
+"""Continue from a stable-phase checkpoint with a new schedule on new data, into a
 new RUNDIR; the source run stays byte-for-byte unchanged."""
 import pytest
 import train_harness as h

@@ -1,4 +1,4 @@
-"""Acceptance 9 (shortened): the demo command runs end to end and prints a sample from the export;
+"""The demo command (shortened) runs end to end and prints a sample from the export;
 and without ../shared it still finds a corpus in Python's own documentation and source."""
 import sys
 

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("flags, message", [
     (["--global-batch-tokens", "1000"], "--global-batch-tokens 1000 is not a multiple of --seq-len 64"),
-    (["--seq-len", "128"], "--seq-len 128 exceeds the data's seq_len 64"),
+    (["--seq-len", "128"], "rows hold 64 tokens, fewer than seq_len 128"),
     (["--data", "/nonexistent/datadir"], "--data /nonexistent/datadir"),
     (["--resume", "never"], "--resume is never"),
 ])

@@ -1,4 +1,4 @@
-"""Build item 7 (guards): a non-finite loss/grad norm skips the update, is counted and logged, and K
+"""Guards: a non-finite loss/grad norm skips the update, is counted and logged, and K
 in a row stop the run with a message naming the fix. The NaN is injected into the real loss of
 steps 5 and 6 (DOGE_FAULT_NAN_STEPS), so DeepSpeed's own overflow handling is what is tested."""
 import pytest

@@ -1,4 +1,4 @@
-"""Acceptance 2, 3, 7 (across a resume) and 8: kill -9 the whole job anywhere, even inside a
+"""Kill -9 the whole job anywhere, even inside a
 checkpoint write; the same command resumes and ends bit-identical to an uninterrupted run, on
 the same W&B run id."""
 import json

@@ -1,4 +1,4 @@
-"""Acceptance 5: a stop signal to the launcher writes a checkpoint and every process exits 0 within
+"""A stop signal to the launcher writes a checkpoint and every process exits 0 within
 60 s. (Resuming from such a checkpoint is the same path test_train_resume covers.)"""
 import os
 import signal

@@ -1,4 +1,4 @@
-"""Acceptance 4: resume on a different world size (2 -> 1, then 1 -> 2) through DeepSpeed's
+"""Resume on a different world size (2 -> 1, then 1 -> 2) through DeepSpeed's
 universal checkpoint, converted automatically; training continues from the same step on exactly
 the uninterrupted run's samples."""
 import shutil

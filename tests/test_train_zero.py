@@ -1,4 +1,4 @@
-"""Acceptance 1 and 7: ZeRO 1, 2 and 3 each train on a real corpus (2 gloo ranks), the loss falls,
+"""ZeRO 1, 2 and 3 each train on a real corpus (2 gloo ranks), the loss falls,
 and the logged LR is the WSD formula at every step for each decay shape."""
 import pytest
 import train_harness as h

@@ -139,7 +139,8 @@ def tree_digest(root: Path) -> dict[str, tuple]:
     """Path -> (size, mtime_ns, sha256) of every file under root: detects any byte or metadata change."""
     import hashlib
 
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                       hashlib.sha256(p.read_bytes()).hexdigest())
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
@@ -165,7 +166,8 @@ def prepared(corpus: str = "tinyshakespeare.txt") -> Path:
     """A DATADIR of 64-token rows over one shared corpus, tokenised with the session's tokenizer."""
     out = BASE / f"data-{corpus}"
     run([sys.executable, "data_tools/prepare.py", "--input", str(SHARED_PRETRAIN / corpus), "--tokenizer",
-         str(tokenizer()), "--seq-len", str(SEQ_LEN), "--output", str(out), "--val-fraction", "0.01", "--val-rows", "64", "--workers", "1"])
+         str(tokenizer()), "--seq-len", str(SEQ_LEN), "--output", str(out), "--val-fraction", "0.01",
+         "--val-rows", "64", "--workers", "1"])
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import transformers
 
-# Shared by every published Doge recipe (DESIGN.md, "Model sizes").
+# Shared by every published Doge recipe (docs/recipes.md).
 _COMMON = dict(
     vocab_size=32768,
     tie_word_embeddings=True,

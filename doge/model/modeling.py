@@ -35,7 +35,6 @@ from doge.model.loss import fused_causal_lm_loss
 from doge.model.rope import DogeRotaryEmbedding, apply_rotary, head_dim_of
 
 
-
 class DogeRMSNorm(nn.Module):
     """RMSNorm computed in float32, cast back, then scaled (the stock order of operations)."""
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from doge import atomic
 from doge.atomic import TMP_PREFIX
+from doge.training.distributed import barrier
 
 STATE_FILE = "trainer_state.json"
 SLOW_SAVE_ENV = "DOGE_FAULT_SLOW_SAVE"  # fault injection for tests: "STEP:SECONDS" sleeps inside that save
@@ -38,15 +39,15 @@ SLOW_SAVE_ENV = "DOGE_FAULT_SLOW_SAVE"  # fault injection for tests: "STEP:SECON
 class TrainerState:
     """Everything besides engine tensors that a resume needs; saved as JSON for humans too."""
 
+    data_fingerprint: str | None = None
+    tokenizer_fingerprint: str | None = None
     step: int = 0
     samples_consumed: int = 0
     tokens_seen: int = 0
+    wandb_run_id: str | None = None
+    world_size: int = 1
     bad_steps_in_row: int = 0
     skipped_steps: int = 0
-    world_size: int = 1
-    wandb_run_id: str | None = None
-    data_fingerprint: str | None = None
-    tokenizer_fingerprint: str | None = None
     recipe: dict = field(default_factory=dict)
     model_config: dict = field(default_factory=dict)
 
@@ -57,11 +58,6 @@ class TrainerState:
 
 def step_tag(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rng_state() -> dict:
@@ -95,12 +91,12 @@ def save(engine, root: Path, state: TrainerState, tokenizer_dir: str | None, kee
     tmp = atomic.staging_path(final)
     if rank == 0:
         atomic.fresh_staging_dir(final)
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
     (tmp / "rng").mkdir(parents=True, exist_ok=True)
     with open(tmp / "rng" / f"rank-{rank:05d}.pkl", "wb") as fh:
         pickle.dump(_rng_state(), fh)
-    _barrier()
+    barrier()
     if rank == 0:
         if tokenizer_dir:
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
@@ -109,7 +105,7 @@ def save(engine, root: Path, state: TrainerState, tokenizer_dir: str | None, kee
         atomic.publish_dir(tmp, final)
         atomic.write_text(root / "latest", tag + "\n")
         prune(root, keep_last)
-    _barrier()
+    barrier()
     return final
 
 

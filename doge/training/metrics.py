@@ -12,46 +12,9 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from doge import atomic
-
-# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; first match wins.
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                 "RTX 4090": 165e12, "V100": 125e12}
-
-
-def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12*L*H*T for attention (PaLM appendix B)."""
-    return 6 * n_params + 12 * n_layers * hidden * seq_len
-
-
-def _cpu_peak_per_rank(bf16: bool, local_world: int) -> float:
-    """Estimated CPU peak: cores * clock * FLOP/cycle (2 FMA units; AVX-512 or AVX2; x2 with bf16 dot)."""
-    flags, mhz = "", 2000.0
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        flags = next(line for line in info.splitlines() if line.startswith("flags"))
-        mhz = float(next(line for line in info.splitlines() if line.startswith("cpu MHz")).split(":")[1])
-    except (OSError, StopIteration, ValueError):
-        pass
-    per_cycle = 64 if " avx512f" in flags else 32
-    if bf16 and (" avx512_bf16" in flags or " amx_bf16" in flags):
-        per_cycle *= 2
-    cores = len(os.sched_getaffinity(0)) / max(1, local_world)
-    return cores * mhz * 1e6 * per_cycle
-
-
-def device_peak_flops(bf16: bool, local_world: int) -> float:
-    """Peak FLOP/s of the device one rank uses; DOGE_PEAK_FLOPS overrides the table/estimate."""
-    if os.environ.get("DOGE_PEAK_FLOPS"):
-        return float(os.environ["DOGE_PEAK_FLOPS"])
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 100e12)
-        return peak if bf16 else peak / 2
-    return _cpu_peak_per_rank(bf16, local_world)
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -59,18 +22,59 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-class Reporter:
-    """Rank 0's sink for training and validation metrics."""
+class Throughput:
+    """Tokens/s, MFU and ETA between two log lines (rank 0's wall clock)."""
 
-    def __init__(self, rundir: Path, max_steps: int, start_step: int, flops_per_token: float,
-                 peak_flops: float, wandb_run=None):
-        self.path = rundir / "metrics.jsonl"
+    def __init__(self, start_step: int, max_steps: int, flops_per_token: float, peak_flops: float):
         self.max_steps, self.flops_per_token, self.peak_flops = max_steps, flops_per_token, peak_flops
-        self.wandb_run = wandb_run
+        self._last = (time.perf_counter(), start_step)
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def read(self, step: int) -> dict:
+        """Metrics since the previous read; resets the count."""
+        now, (then, then_step) = time.perf_counter(), self._last
+        tok_s = self.tokens / max(now - then, 1e-9)
+        self._last, self.tokens = (now, step), 0
+        eta = (now - then) / max(step - then_step, 1) * (self.max_steps - step)
+        return {"tokens_per_s": tok_s, "mfu": tok_s * self.flops_per_token / self.peak_flops, "eta_s": eta}
+
+
+# Console formats of the common metrics, in line order; any other metric follows as `name value`.
+CONSOLE = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.3e}", "grad_norm": "gnorm {:.3f}",
+           "tokens_per_s": "{:,.0f} tok/s", "mfu": "MFU {:.2%}", "eta_s": None}
+QUIET = {"tokens_seen", "samples_consumed", "skipped_steps", "time"}  # in metrics.jsonl, not on the console
+
+
+def _finite(value):
+    """JSON has no NaN/inf: a non-finite metric (a skipped step) is logged as null."""
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def console_line(step: int, max_steps: int, metrics: dict) -> str:
+    parts = [f"step {step:>6}/{max_steps}"]
+    for key, fmt in CONSOLE.items():
+        if key in metrics and fmt:
+            value = metrics[key]
+            parts.append(fmt.format(value) if value is not None else f"{key} null")
+    parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+              if k not in CONSOLE and k not in QUIET]
+    if "eta_s" in metrics:
+        parts.append(f"ETA {_fmt_duration(metrics['eta_s'])}")
+    return " | ".join(parts)
+
+
+class Reporter:
+    """Rank 0's sink for metrics: console line, metrics.jsonl, W&B, progress bar."""
+
+    def __init__(self, rundir: Path, max_steps: int, start_step: int, wandb_run=None):
+        self.path = rundir / "metrics.jsonl"
+        self.max_steps, self.wandb_run = max_steps, wandb_run
         self._truncate(start_step)
         self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         disable=None)  # a bar on terminals only; logs get the console lines
-        self._last = (time.perf_counter(), start_step)
 
     def _truncate(self, step: int) -> None:
         """Drop lines written after the checkpoint we resume from (those steps are redone)."""
@@ -79,33 +83,17 @@ class Reporter:
         kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
         atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
-    def _write(self, record: dict) -> None:
+    def advance(self, step: int) -> None:
+        self.bar.update(step - self.bar.n)
+
+    def log(self, step: int, metrics: dict) -> None:
+        """One record: a metrics.jsonl line (non-finite values as null), W&B, a console line."""
+        record = {"step": step, **{k: _finite(v) for k, v in metrics.items()}, "time": time.time()}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
-
-    def advance(self, step: int) -> None:
-        self.bar.update(step - self.bar.n)
-
-    def train(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, tokens_seen: int,
-              samples_consumed: int, skipped_steps: int) -> None:
-        """One log interval; `tokens` is the number trained since the previous call."""
-        now, (then, then_step) = time.perf_counter(), self._last
-        self._last = (now, step)
-        tok_s = tokens / max(now - then, 1e-9)
-        mfu = tok_s * self.flops_per_token / self.peak_flops
-        eta = (now - then) / max(step - then_step, 1) * (self.max_steps - step)
-        finite = lambda x: x if math.isfinite(x) else None  # JSON has no NaN/inf; skipped steps log null
-        self._write(dict(step=step, loss=finite(loss), lr=lr, grad_norm=finite(grad_norm), tokens_seen=tokens_seen,
-                         samples_consumed=samples_consumed, tokens_per_s=tok_s, mfu=mfu,
-                         skipped_steps=skipped_steps, time=time.time()))
-        self.bar.write(f"step {step:>6}/{self.max_steps} | loss {loss:.4f} | lr {lr:.3e} | gnorm {grad_norm:.3f}"
-                       f" | {tok_s:,.0f} tok/s | MFU {100 * mfu:.2f}% | ETA {_fmt_duration(eta)}")
-
-    def validation(self, step: int, loss: float) -> None:
-        self._write(dict(step=step, val_loss=loss, time=time.time()))
-        self.bar.write(f"step {step:>6}/{self.max_steps} | val_loss {loss:.4f}")
+        self.bar.write(console_line(step, self.max_steps, metrics))
 
     def message(self, text: str) -> None:
         self.bar.write(text)

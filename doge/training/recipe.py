@@ -1,66 +1,101 @@
 """Training recipe: every hyper-parameter of a run, from a YAML file plus `--field value` overrides.
 
 One dataclass is the single source of truth: its defaults, the YAML keys of `recipes/*.yaml`,
-the command-line flags (`--max-steps` for `max_steps`) and their `--help` text are all derived
-from it, so a flag can never exist without a recipe field or the other way round. Precedence:
-defaults < recipe YAML < command line.
+the command-line flags (`--max-steps` for `max_steps`), their `--help` text and the allowed
+values (`choices`, `low`/`high` bounds in each field's metadata) are all derived from it, so a
+flag can never exist without a recipe field or a field without its check. Precedence:
+defaults < recipe YAML < command line. `load_recipe` checks every field and raises
+`ConfigError` naming the field and the fix.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
 import yaml
 
+from doge.model.configuration import PRESETS
+from doge.training.schedule import DECAY_SHAPES
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+PRECISIONS = ("auto", "bf16", "fp32")
+WANDB_MODES = ("auto", "online", "offline", "off")
+RESUME_MODES = ("auto", "never")
+
+
+class ConfigError(ValueError):
+    """A run that cannot start. Raised before any process group exists; the message names the
+    field or file and the fix, and the command line prints it as one `error: ...` line (exit 2)."""
+
+
+def _f(default, help: str, *, choices=None, low=None, high=None, cli=True):
+    """A recipe field: default, help text, and its allowed values (choices, or bounds low <= v <= high)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high,
+                                            "cli": cli})
 
 
 @dataclass
 class Recipe:
-    model: str = _f("doge-tiny", "model preset (doge-tiny, doge-20m, doge-60m, doge-160m, doge-320m)")
-    model_overrides: dict = _f(None, "extra DogeConfig keys, e.g. {is_moe: true} (YAML only)", cli=False)
-    seq_len: int = _f(2048, "tokens per sample; must be <= the prepared data's seq_len")
-    micro_batch_size: int = _f(8, "samples per rank per forward/backward")
-    global_batch_tokens: int = _f(524288, "tokens per optimizer step over all ranks; gradient "
-                                          "accumulation = global batch / (micro batch * world size)")
-    max_steps: int = _f(8000, "total optimizer steps of the run")
-    lr: float = _f(8e-3, "peak learning rate")
-    min_lr_ratio: float = _f(0.0, "LR at the end of the decay, as a fraction of --lr")
-    warmup_steps: int = _f(800, "linear warmup steps")
-    decay_steps: int = _f(800, "decay steps (WSD); 0 = no decay")
-    decay_start: typing.Optional[int] = _f(None, "step where the decay starts (default: max_steps - decay_steps)")
-    decay_shape: str = _f("linear", "decay shape: linear, 1-sqrt or cosine")
-    weight_decay: float = _f(0.01, "AdamW weight decay")
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.95, "AdamW beta2")
-    adam_eps: float = _f(1e-8, "AdamW epsilon")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = off)")
-    precision: str = _f("auto", "bf16, fp32, or auto (bf16 on GPUs that support it; fp32 on CPU, where bf16 measured ~6x slower)")
-    seed: int = _f(0, "seed for weights init and the data order")
-    log_interval: int = _f(10, "steps between console/metrics.jsonl/W&B lines")
-    save_interval: int = _f(1000, "steps between checkpoints (0 = only at the end and on signals)")
-    keep_last: int = _f(3, "keep this many newest checkpoints (0 = keep all)")
-    eval_interval: int = _f(500, "steps between validation losses (0 = off)")
-    eval_samples: int = _f(256, "validation samples per evaluation (capped at the split's size)")
-    max_bad_steps: int = _f(5, "stop after this many non-finite losses/grad norms in a row")
-    wandb: str = _f("auto", "auto (online with WANDB_API_KEY, else offline), online, offline or off")
+    model: str = _f("doge-tiny", "model preset", choices=tuple(PRESETS))
+    model_overrides: typing.Optional[dict] = _f(None, "extra DogeConfig keys, e.g. {is_moe: true} (YAML only)",
+                                                cli=False)
+    seq_len: int = _f(2048, "tokens per sample; prepared rows longer than this are cut into several samples, "
+                            "so every token is trained on", low=1)
+    micro_batch_size: int = _f(8, "samples per rank per forward/backward", low=1)
+    global_batch_tokens: int = _f(524288, "tokens per optimizer step over all ranks; gradient accumulation = "
+                                          "global batch / (micro batch * world size)", low=1)
+    max_steps: int = _f(8000, "total optimizer steps of the run", low=1)
+    lr: float = _f(8e-3, "peak learning rate", low=0.0)
+    min_lr_ratio: float = _f(0.0, "LR at the end of the decay, as a fraction of --lr", low=0.0, high=1.0)
+    warmup_steps: int = _f(800, "linear warmup steps", low=0)
+    decay_steps: int = _f(800, "decay steps (WSD); 0 = no decay", low=0)
+    decay_start: typing.Optional[int] = _f(None, "step where the decay starts (default: max_steps - decay_steps)",
+                                           low=0)
+    decay_shape: str = _f("linear", "decay shape", choices=tuple(DECAY_SHAPES))
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to norms, biases, residual scales)", low=0.0)
+    adam_beta1: float = _f(0.9, "AdamW beta1", low=0.0, high=0.999999)
+    adam_beta2: float = _f(0.95, "AdamW beta2", low=0.0, high=0.999999)
+    adam_eps: float = _f(1e-8, "AdamW epsilon", low=1e-30)
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = off)", low=0.0)
+    precision: str = _f("auto", "bf16, fp32, or auto (bf16 on GPUs that support it; fp32 on CPU, where bf16 "
+                                "measured ~6x slower)", choices=PRECISIONS)
+    aux_loss_weight: float = _f(0.001, "weight of the CDMoE load-balancing loss added to the training loss "
+                                       "(CDMoE models only)", low=0.0)
+    seed: int = _f(0, "seed for weights init and the data order", low=0)
+    log_interval: int = _f(10, "steps between console/metrics.jsonl/W&B lines", low=1)
+    save_interval: int = _f(1000, "steps between checkpoints (0 = only at the end and on signals)", low=0)
+    keep_last: int = _f(3, "keep this many newest checkpoints (0 = keep all)", low=0)
+    eval_interval: int = _f(500, "steps between validation losses (0 = off)", low=0)
+    eval_samples: int = _f(256, "validation samples per evaluation (capped at the split's size)", low=1)
+    max_bad_steps: int = _f(5, "stop after this many non-finite losses/grad norms in a row", low=1)
+    wandb: str = _f("auto", "auto (online with WANDB_API_KEY, else offline), online, offline or off",
+                    choices=WANDB_MODES)
     wandb_project: str = _f("doge", "W&B project name")
     init_from: typing.Optional[str] = _f(None, "continue from this checkpoint folder: load weights and "
                                                "optimizer state, start at step 0 with this run's data "
                                                "and schedule; the source is only read")
     resume: str = _f("auto", "auto: resume from OUTPUT/checkpoints/latest if present; never: refuse to "
-                             "start when OUTPUT already holds a checkpoint")
+                             "start when OUTPUT already holds a checkpoint", choices=RESUME_MODES)
     export: bool = _f(True, "write an HF export to OUTPUT/final at the end")
+
+
+def _fields():
+    hints = typing.get_type_hints(Recipe)
+    return [(f, hints[f.name]) for f in dataclasses.fields(Recipe)]
+
+
+def _base_type(annotation):
+    """`Optional[int]` -> (int, True); `int` -> (int, False)."""
+    if typing.get_origin(annotation) is typing.Union:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
 
 
 def _parse_value(raw: str, annotation):
     """CLI strings to the field's type (`none` clears an optional field)."""
-    optional = typing.get_origin(annotation) is typing.Union
-    base = typing.get_args(annotation)[0] if optional else annotation
+    base, optional = _base_type(annotation)
     if optional and raw.lower() in ("none", "null", ""):
         return None
     if base is bool:
@@ -70,33 +105,83 @@ def _parse_value(raw: str, annotation):
     return base(raw)
 
 
-def _fields():
-    hints = typing.get_type_hints(Recipe)
-    return [(f, hints[f.name]) for f in dataclasses.fields(Recipe)]
+def _help(f) -> str:
+    meta = f.metadata
+    allowed = f"; one of {', '.join(meta['choices'])}" if meta["choices"] else ""
+    return f"{meta['help']}{allowed} (default {f.default})"
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     """One `--field-name VALUE` flag per recipe field; unset flags stay None (= keep the recipe's)."""
     group = parser.add_argument_group("recipe fields (override the --recipe YAML)")
     for f, annotation in _fields():
-        if f.metadata.get("cli", True):
+        if f.metadata["cli"]:
             group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="V",
-                               type=lambda raw, a=annotation: _parse_value(raw, a),
-                               help=f"{f.metadata['help']} (default {f.default})")
+                               type=lambda raw, a=annotation: _parse_value(raw, a), help=_help(f))
+
+
+def flag(name: str) -> str:
+    """How a user sets field `name`: `--max-steps` (or `max_steps:` in the recipe YAML)."""
+    return f"--{name.replace('_', '-')} (recipe key {name})"
+
+
+def _coerce(name: str, value, annotation):
+    """YAML values to the field's type; `1e-3` (a string in YAML 1.1) is accepted as a number."""
+    base, optional = _base_type(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{flag(name)} is empty: give it a value or drop the key")
+    if base is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool)}.get(base, lambda v: isinstance(v, base))
+    if not ok(value):
+        raise ConfigError(f"{flag(name)} = {value!r}: expected {base.__name__}")
+    return float(value) if base is float else value
+
+
+def _check_range(f, value) -> None:
+    meta, name = f.metadata, f.name
+    if value is None:
+        return
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{flag(name)} = {value!r} is not allowed: choose one of {', '.join(meta['choices'])}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{flag(name)} = {value}: must be a finite number")
+    low, high = meta["low"], meta["high"]
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{flag(name)} = {value}: must be {bounds}")
+    if name == "lr" and value == 0:
+        raise ConfigError(f"{flag(name)} = 0: a run needs a positive peak learning rate")
 
 
 def load_recipe(path: str | None, overrides: dict) -> Recipe:
-    """Defaults, then the YAML file at `path`, then the non-None `overrides` (from the CLI)."""
+    """Defaults, then the YAML file at `path`, then the non-None `overrides` (from the CLI); checked."""
     values = {}
     if path:
-        with open(path, encoding="utf-8") as fh:
-            values = yaml.safe_load(fh) or {}
+        try:
+            with open(path, encoding="utf-8") as fh:
+                values = yaml.safe_load(fh) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"--recipe {path}: cannot read it ({err}); pass an existing YAML file") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"--recipe {path}: expected a mapping of recipe keys, e.g. `lr: 1.0e-3`")
         known = {f.name for f, _ in _fields()}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown recipe key(s) {unknown}; valid keys: {sorted(known)}")
+            raise ConfigError(f"--recipe {path}: unknown recipe key(s) {unknown}; valid keys: {sorted(known)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    recipe = Recipe(**values)
+    checked = {}
+    for f, annotation in _fields():
+        if f.name in values:
+            checked[f.name] = _coerce(f.name, values[f.name], annotation)
+            _check_range(f, checked[f.name])
+    recipe = Recipe(**checked)
     if recipe.model_overrides is None:
         recipe.model_overrides = {}
     return recipe

@@ -1,0 +1,114 @@
+"""The command line every training entry point shares: parse, check, start, train, finish.
+
+`main(Objective, __doc__)` is a whole entry script: flags are `--deepspeed`, `--recipe`,
+`--data`, `--output` and one flag per recipe field. The order matters: the run is checked
+completely (`doge.training.preflight`) before the process group starts, so a bad config costs
+no DeepSpeed start-up and prints one `error: ...` line (exit 2) from rank 0 only.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+
+from doge.data import DataError
+from doge.training import checkpoint as ckpt
+from doge.training.distributed import Dist, barrier, init_distributed, rank_from_env, shutdown, world_from_env
+from doge.training.engine import build_engine, load_start
+from doge.training.flops import device_peak_flops, flops_per_token
+from doge.training.loop import Trainer, install_stop_handlers, trainer_state
+from doge.training.metrics import Reporter, Throughput, start_wandb
+from doge.training.objective import Objective
+from doge.training.preflight import Plan, preflight
+from doge.training.recipe import ConfigError, Recipe, add_recipe_flags, load_recipe
+
+
+def parse_args(description: str, argv=None) -> tuple[argparse.Namespace, Recipe]:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deepspeed", required=True, metavar="JSON",
+                        help="DeepSpeed config, e.g. ds_configs/zero2.json")
+    parser.add_argument("--recipe", metavar="YAML", help="recipe file, e.g. recipes/doge-20m.yaml")
+    parser.add_argument("--data", required=True, metavar="PATH", help="prepared DATADIR or mixture YAML")
+    parser.add_argument("--output", required=True, metavar="RUNDIR",
+                        help="run folder: checkpoints, metrics, final export")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_recipe_flags(parser)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k in Recipe.__dataclass_fields__}
+    return args, load_recipe(args.recipe, overrides)
+
+
+def start(plan: Plan, dist: Dist) -> Trainer:
+    """Engine, loaded state and rank 0's reporter: the trainer, ready for its first step."""
+    if dist.is_main:
+        plan.rundir.mkdir(parents=True, exist_ok=True)
+        ckpt.prune(plan.rundir / "checkpoints", keep_last=0)  # only removes leftovers of killed saves
+    barrier()
+    engine = build_engine(plan.model_config, plan.ds_config, plan.recipe.weight_decay, plan.recipe.seed)
+    if plan.source is not None:
+        load_start(engine, plan, dist)
+    trainer = Trainer(plan, dist, engine, trainer_state(plan, dist.world), None, None)
+    if dist.is_main:
+        open_reporting(trainer)
+    return trainer
+
+
+def open_reporting(trainer: Trainer) -> None:
+    """Rank 0's W&B run, reporter and throughput meter, and the run's opening lines."""
+    plan, state, dist = trainer.plan, trainer.state, trainer.dist
+    recipe = plan.recipe
+    wandb_run = start_wandb(recipe.wandb, recipe.wandb_project, plan.rundir, state.wandb_run_id, asdict(recipe))
+    state.wandb_run_id = wandb_run.id if wandb_run is not None else None
+    trainer.reporter = Reporter(plan.rundir, recipe.max_steps, state.step, wandb_run)
+    trainer.throughput = Throughput(state.step, recipe.max_steps, flops_per_token(plan.model_config, recipe.seq_len),
+                                    device_peak_flops(plan.bf16, dist.local_world) * dist.world)
+    origin = (f"resumed from {plan.source}" if plan.resumed else
+              f"initialised from {plan.source}" if plan.source else "fresh start")
+    n_params = sum(p.numel() for p in trainer.engine.module.parameters())
+    trainer.message(f"{origin} at step {state.step}: {n_params / 1e6:.2f}M params, world {dist.world}, global "
+                    f"batch {plan.global_batch} x {recipe.seq_len} tokens, grad accum {plan.grad_accum}, "
+                    f"{'bf16' if plan.bf16 else 'fp32'}; {plan.objective.describe()}")
+    if recipe.eval_interval and not plan.objective.eval_batches(dist, recipe.micro_batch_size, recipe.eval_samples):
+        trainer.message(f"validation off: the held-out split has fewer samples than micro batch x world = "
+                        f"{dist.world * recipe.micro_batch_size}; prepare more with --val-fraction/--val-rows")
+
+
+def finish(trainer: Trainer) -> None:
+    """Rank 0 at the end of a completed run: plot, and HF export of the final checkpoint."""
+    from doge.export import export
+    from doge.plot import plot
+
+    rundir = trainer.plan.rundir
+    plot(rundir)
+    if trainer.recipe.export:
+        export(ckpt.find_latest(rundir / "checkpoints"), rundir / "final", replace=True)
+        trainer.message(f"exported {rundir / 'final'}")
+
+
+def fail(err: Exception) -> int:
+    """One line on rank 0 (every rank fails the same check), exit code 2."""
+    if rank_from_env() == 0:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(objective_cls: type[Objective], description: str, argv=None) -> int:
+    try:
+        args, recipe = parse_args(description, argv)
+        plan = preflight(args, recipe, objective_cls, world_from_env())
+    except ConfigError as err:
+        return fail(err)
+    dist = init_distributed()
+    install_stop_handlers()
+    try:
+        trainer = start(plan, dist)
+        stopped = trainer.fit()
+    except DataError as err:  # e.g. a shard whose bytes no longer match its manifest
+        return fail(err)
+    if dist.is_main:
+        trainer.reporter.close()
+        if not stopped:
+            finish(trainer)
+    trainer.engine.destroy()
+    shutdown()
+    return 0

@@ -1,0 +1,67 @@
+"""The DeepSpeed engine: the model, its named parameter groups, precision, and loading a start point.
+
+Parameter groups carry a `name` ("decay" / "no_decay"): weight decay applies to matrices and
+embedding tables only, never to norms, biases, residual scales or DMA's `A`; names also let
+DeepSpeed split groups further (its expert-parallel groups are split by name).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from doge.model.configuration import DogeConfig
+from doge.model.modeling import DogeForCausalLM
+from doge.training import checkpoint as ckpt
+from doge.training.distributed import Dist, barrier
+
+if TYPE_CHECKING:
+    from doge.training.preflight import Plan
+
+
+def use_bf16(precision: str) -> bool:
+    """`auto`: bf16 where the accelerator has it natively (GPUs), fp32 on CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    return precision == "bf16" or (precision == "auto" and accel.device_name() != "cpu"
+                                   and accel.is_bf16_supported())
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"name": "decay", "params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def build_engine(config: DogeConfig, ds_config: dict, weight_decay: float, seed: int):
+    """A freshly initialised model (seeded) wrapped in a DeepSpeed engine with its optimizer."""
+    import deepspeed
+
+    torch.manual_seed(seed)
+    model = DogeForCausalLM(config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
+                                      config=ds_config)
+    return engine
+
+
+def load_start(engine, plan: "Plan", dist: Dist) -> None:
+    """Load engine state from the plan's checkpoint, through a universal copy when the world size
+    changed; a resume of the same world size also restores each rank's RNG streams."""
+    load_dir, state = plan.source, plan.source_state
+    if state.world_size != dist.world:
+        out_root = plan.rundir / ("checkpoints/universal" if plan.resumed else "init-universal")
+        if dist.is_main:
+            ckpt.to_universal(plan.source, out_root)
+        barrier()
+        load_dir = out_root / plan.source.name
+    path, _ = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load {load_dir}")
+    if plan.resumed and state.world_size == dist.world:
+        ckpt.restore_rng(plan.source, dist.rank)
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,40 @@
+"""The loss of a causal-LM micro-batch, shared by the language-modelling objectives.
+
+Dense models: the next-token cross-entropy, fused with the LM head (no logits tensor). CDMoE
+models: plus `config.router_aux_loss_coef` (the recipe's `aux_loss_weight`, set when the model is
+built) x the Switch-style load-balancing loss over every CDMoE layer, which is what spreads
+tokens over the experts (the model adds it to its loss when asked for router logits); logged with
+two router statistics per micro-batch (mean over layers): `experts_used`, the fraction of experts
+that got at least one token, and `max_load`, the busiest expert's token count over the mean count
+(1.0 = perfectly balanced).
+"""
+from __future__ import annotations
+
+import torch
+
+from doge.model.cdmoe import product_key_topk
+
+
+@torch.no_grad()
+def router_statistics(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> dict:
+    used, max_load = [], []
+    for logits in router_logits:
+        num_keys = logits.shape[-1] // 2
+        _, experts = product_key_topk(logits.float(), num_keys, top_k)
+        counts = torch.bincount(experts.reshape(-1), minlength=num_experts).float()
+        used.append((counts > 0).float().mean())
+        max_load.append(counts.max() / counts.mean())
+    return {"experts_used": torch.stack(used).mean(), "max_load": torch.stack(max_load).mean()}
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor):
+    """(loss to back-propagate, metrics); `labels` -100 marks positions without a target. The
+    reported `loss` is the language-modelling part alone, comparable across dense and CDMoE runs."""
+    config = getattr(model, "module", model).config
+    out = model(input_ids=input_ids, labels=labels, skip_logits=True, output_router_logits=config.is_moe)
+    if not config.is_moe:
+        return out.loss, {"loss": out.loss.detach()}
+    aux = out.aux_loss.detach()
+    metrics = {"loss": out.loss.detach() - config.router_aux_loss_coef * aux, "aux_loss": aux,
+               **router_statistics(out.router_logits, config.num_experts, config.num_experts_per_tok)}
+    return out.loss, metrics

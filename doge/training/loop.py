@@ -1,0 +1,196 @@
+"""The training loop, the same for every objective.
+
+Per optimizer step: set the LR from the schedule, run the objective's micro-batches through the
+engine (DeepSpeed accumulates and steps at the boundary), reduce the metrics and the stop flag
+over ranks in one collective, guard against non-finite steps, then log, evaluate and checkpoint
+on their intervals. A stop signal (SIGUSR1/SIGTERM) on any rank ends the step, saves and returns.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+from dataclasses import asdict, dataclass, field
+
+import torch
+from deepspeed import DeepSpeedEngine
+
+from doge.training import checkpoint as ckpt
+from doge.training.distributed import Dist, all_reduce_sum
+from doge.training.engine import set_lr
+from doge.training.metrics import Reporter, Throughput
+from doge.training.preflight import Plan
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+NAN_STEPS_ENV = "DOGE_FAULT_NAN_STEPS"  # fault injection for tests: "5,6" makes those steps' loss NaN
+_stop_requested: list[int] = []
+
+
+def install_stop_handlers() -> None:
+    """SIGUSR1/SIGTERM only set a flag: the step finishes, then every rank saves and stops."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: _stop_requested.append(signum))
+
+
+def _poisoned(step: int) -> bool:
+    return str(step) in os.environ.get(NAN_STEPS_ENV, "").split(",")
+
+
+def accumulate(sums: dict, metrics: dict) -> dict:
+    """sums[k] += metrics[k] for every key (missing keys start at 0)."""
+    for key, value in metrics.items():
+        sums[key] = sums.get(key, 0.0) + value
+    return sums
+
+
+@dataclass
+class Interval:
+    """Means of the good steps' metrics since the last log line (NaN, logged as null, if none was)."""
+
+    sums: dict = field(default_factory=dict)
+    good_steps: int = 0
+
+    def add(self, metrics: dict, good: bool) -> None:
+        """A bad step's values (non-finite) are left out; its keys still appear in the next line."""
+        accumulate(self.sums, metrics if good else dict.fromkeys(metrics, 0.0))
+        self.good_steps += good
+
+    def means(self) -> dict:
+        out = {k: v / self.good_steps if self.good_steps else math.nan for k, v in self.sums.items()}
+        self.sums, self.good_steps = {}, 0
+        return out
+
+
+@dataclass
+class Trainer:
+    plan: Plan
+    dist: Dist
+    engine: DeepSpeedEngine
+    state: ckpt.TrainerState
+    reporter: Reporter | None  # rank 0 only
+    throughput: Throughput | None
+
+    @property
+    def recipe(self):
+        return self.plan.recipe
+
+    def reduce(self, values: dict[str, torch.Tensor], stop: bool) -> tuple[dict[str, float], bool]:
+        """Rank means of `values` and whether any rank wants to stop, in one collective."""
+        device = self.engine.device  # nccl reduces device tensors only
+        flat = torch.stack([v.float().reshape(()).to(device) / self.dist.world for v in values.values()]
+                           + [torch.tensor(float(stop), device=device)])
+        all_reduce_sum(flat)
+        return dict(zip(values, flat[:-1].tolist())), flat[-1].item() > 0
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> tuple[dict[str, float], bool]:
+        """One optimizer step; returns (metrics averaged over micro-batches and ranks, stop requested)."""
+        objective, step = self.plan.objective, self.state.step + 1
+        batches = objective.train_batches(self.state.samples_consumed, self.plan.global_batch, self.dist,
+                                          self.recipe.micro_batch_size)
+        sums: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            loss, metrics = objective.loss(self.engine, self.to_device(batch))
+            if _poisoned(step):
+                loss = loss * float("nan")
+                metrics = {k: v * float("nan") for k, v in metrics.items()}
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed applies the update at the accumulation boundary only
+            accumulate(sums, {"objective": loss.detach(), **metrics})
+        means, stop = self.reduce({k: v / len(batches) for k, v in sums.items()}, bool(_stop_requested))
+        norm = self.engine.get_global_grad_norm()
+        means["grad_norm"] = math.nan if norm is None else float(norm)
+        return means, stop
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean metrics over the objective's held-out batches, as `val_<name>`."""
+        batches = self.plan.objective.eval_batches(self.dist, self.recipe.micro_batch_size, self.recipe.eval_samples)
+        if not batches:
+            return {}
+        self.engine.eval()
+        sums: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            accumulate(sums, self.plan.objective.loss(self.engine, self.to_device(batch))[1])
+        self.engine.train()
+        means, _ = self.reduce({k: v / len(batches) for k, v in sums.items()}, False)
+        return {f"val_{k}": v for k, v in means.items()}
+
+    def guard(self, loss: float, grad_norm: float) -> bool:
+        """Count a non-finite step (DeepSpeed skipped its update); stop after --max-bad-steps in a row."""
+        state, recipe = self.state, self.recipe
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            state.bad_steps_in_row = 0
+            return True
+        state.bad_steps_in_row += 1
+        state.skipped_steps += 1
+        self.message(f"step {state.step}: non-finite loss {loss} / grad norm {grad_norm}, update skipped "
+                     f"({state.bad_steps_in_row} in a row)")
+        if state.bad_steps_in_row >= recipe.max_bad_steps:
+            raise RuntimeError(f"{state.bad_steps_in_row} non-finite steps in a row (--max-bad-steps "
+                               f"{recipe.max_bad_steps}): lower --lr, raise --warmup-steps, or check the data; "
+                               f"the last good checkpoint is in {self.plan.rundir / 'checkpoints'}")
+        return False
+
+    def message(self, text: str) -> None:
+        if self.reporter:
+            self.reporter.message(text)
+
+    def log(self, interval: Interval, lr: float, grad_norm: float) -> None:
+        if not self.reporter:
+            return
+        metrics = interval.means()
+        metrics.pop("objective")
+        state = self.state
+        self.reporter.log(state.step, {**metrics, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
+                                       "samples_consumed": state.samples_consumed,
+                                       **self.throughput.read(state.step), "skipped_steps": state.skipped_steps})
+
+    def save(self, stopped: bool) -> None:
+        ckpt.save(self.engine, self.plan.rundir / "checkpoints", self.state, self.plan.objective.tokenizer_dir,
+                  self.recipe.keep_last)
+        self.message(f"saved checkpoint {ckpt.step_tag(self.state.step)}" + (" (stop signal)" if stopped else ""))
+
+    def fit(self) -> bool:
+        """Steps until max_steps or a stop signal (returns True if stopped), logging, evaluating, saving."""
+        recipe, state, plan = self.recipe, self.state, self.plan
+        tokens_per_step = plan.global_batch * recipe.seq_len
+        interval, stopped = Interval(), False
+        while state.step < recipe.max_steps and not stopped:
+            lr = plan.schedule(state.step)
+            set_lr(self.engine, lr)
+            metrics, stopped = self.train_step()
+            grad_norm = metrics.pop("grad_norm")
+            state.step += 1
+            state.samples_consumed += plan.global_batch
+            state.tokens_seen += tokens_per_step
+            interval.add(metrics, self.guard(metrics["objective"], grad_norm))
+            last = state.step == recipe.max_steps
+            if self.reporter:
+                self.reporter.advance(state.step)
+                self.throughput.add(tokens_per_step)
+            if state.step % recipe.log_interval == 0 or last:
+                self.log(interval, lr, grad_norm)
+            if recipe.eval_interval and (state.step % recipe.eval_interval == 0 or last):
+                self.validate()
+            if stopped or last or (recipe.save_interval and state.step % recipe.save_interval == 0):
+                self.save(stopped)
+        return stopped
+
+    def validate(self) -> None:
+        metrics = self.evaluate()
+        if self.reporter and metrics:
+            self.reporter.log(self.state.step, metrics)
+
+
+def trainer_state(plan: Plan, world: int) -> ckpt.TrainerState:
+    """The state to continue from: the resumed run's own, or a fresh one (also after --init-from)."""
+    fresh = ckpt.TrainerState(world_size=world, recipe=asdict(plan.recipe), model_config=plan.model_config.to_dict(),
+                              data_fingerprint=plan.objective.fingerprint,
+                              tokenizer_fingerprint=plan.objective.tokenizer_fingerprint)
+    if not plan.resumed:
+        return fresh
+    return ckpt.TrainerState(**{**asdict(plan.source_state), "world_size": world, "recipe": asdict(plan.recipe),
+                                "model_config": fresh.model_config})

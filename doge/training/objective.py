@@ -1,0 +1,58 @@
+"""The seam between the training loop and what is trained.
+
+The loop (`doge.training.loop`) owns everything every objective needs: the DeepSpeed engine, the
+LR schedule, gradient accumulation, guards against non-finite steps, logging, evaluation rounds,
+checkpoints and stop signals. An `Objective` owns only its data and its loss: which micro-batches
+make up the next optimizer step, what one micro-batch's loss and metrics are, which batches are
+held out for evaluation. It never sees DeepSpeed, ranks' collectives or the checkpoint format.
+
+Pre-training (`doge.training.pretrain`) is one objective; another (e.g. fine-tuning on chat
+data) is a subclass plus a three-line entry script calling `doge.training.cli.main`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+from doge.training.checkpoint import TrainerState
+from doge.training.distributed import Dist
+from doge.training.recipe import Recipe
+
+Batch = dict[str, torch.Tensor]
+
+
+class Objective(ABC):
+    """What is trained. Built by `open` before any process group exists."""
+
+    #: data identity, checked on resume (same data) and continuation (same tokenizer)
+    fingerprint: str
+    tokenizer_fingerprint: str
+    #: the tokenizer folder copied into every checkpoint and export (None if the data has none)
+    tokenizer_dir: Path | None
+
+    @classmethod
+    @abstractmethod
+    def open(cls, data: str, recipe: Recipe, model_config, source: TrainerState | None,
+             resumed: bool) -> "Objective":
+        """Open and check the data against the model and the checkpoint being loaded (`source`,
+        its own run's when `resumed`); raise `ConfigError` naming the fix."""
+
+    @abstractmethod
+    def train_batches(self, samples_consumed: int, global_batch: int, dist: Dist, micro: int) -> list[Batch]:
+        """This rank's micro-batches of the optimizer step that starts at global sample
+        `samples_consumed` and spans `global_batch` samples over all ranks."""
+
+    @abstractmethod
+    def eval_batches(self, dist: Dist, micro: int, max_samples: int) -> list[Batch]:
+        """This rank's share of the held-out batches, the same number on every rank (may be none)."""
+
+    @abstractmethod
+    def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss to back-propagate, scalar metrics averaged over micro-batches and ranks). The
+        metrics include `loss`, the number reported as the training (and validation) loss."""
+
+    def describe(self) -> str:
+        """One line for the run's opening message."""
+        return type(self).__name__

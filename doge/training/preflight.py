@@ -1,0 +1,119 @@
+"""Everything that can be checked before a process group starts, in one place.
+
+Each rank runs `preflight` right after parsing its command line and before DeepSpeed is touched:
+the recipe's fields (already checked by `load_recipe`), the WSD phases against `max_steps`, the
+batch geometry against the world size the launcher exported, the DeepSpeed config's "auto"
+values, the start point (own checkpoint, `--init-from`) and the data against the model and the
+checkpoint. Any failure is a `ConfigError`; the command line turns it into one `error: ...` line
+and exit code 2 on every launcher, and no rank has started a process group or an engine.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from doge.model.configuration import DogeConfig
+from doge.training import checkpoint as ckpt
+from doge.training.ds_config import fill as fill_ds_config
+from doge.training.engine import use_bf16
+from doge.training.objective import Objective
+from doge.training.recipe import ConfigError, Recipe
+from doge.training.schedule import WSD
+
+
+@dataclass
+class Plan:
+    """A checked run, ready to start: what the loop and the engine are built from."""
+
+    recipe: Recipe
+    rundir: Path
+    world: int
+    model_config: DogeConfig
+    objective: Objective
+    schedule: WSD
+    global_batch: int  # samples per optimizer step, all ranks
+    grad_accum: int
+    ds_config: dict
+    bf16: bool
+    source: Path | None  # checkpoint to load: own latest (resume) or --init-from
+    source_state: ckpt.TrainerState | None
+    resumed: bool
+
+
+def schedule_of(recipe: Recipe) -> WSD:
+    try:
+        return WSD(recipe.lr, recipe.warmup_steps, recipe.decay_steps, recipe.max_steps, recipe.decay_shape,
+                   recipe.min_lr_ratio, recipe.decay_start)
+    except ValueError as err:
+        raise ConfigError(f"learning-rate schedule: {err}") from err
+
+
+def batch_geometry(recipe: Recipe, world: int) -> tuple[int, int]:
+    """(global batch in samples, gradient accumulation steps)."""
+    if recipe.global_batch_tokens % recipe.seq_len:
+        raise ConfigError(f"--global-batch-tokens {recipe.global_batch_tokens} is not a multiple of --seq-len "
+                          f"{recipe.seq_len}")
+    global_batch = recipe.global_batch_tokens // recipe.seq_len
+    if global_batch % (recipe.micro_batch_size * world):
+        raise ConfigError(f"global batch of {global_batch} samples is not divisible by --micro-batch-size "
+                          f"{recipe.micro_batch_size} x world size {world}; choose --global-batch-tokens as a "
+                          f"multiple of {recipe.seq_len * recipe.micro_batch_size * world}")
+    return global_batch, global_batch // (recipe.micro_batch_size * world)
+
+
+def resolve_start(rundir: Path, recipe: Recipe) -> tuple[Path | None, ckpt.TrainerState | None]:
+    """The checkpoint to load (own `latest`, else --init-from) and its trainer state."""
+    own = ckpt.find_latest(rundir / "checkpoints")
+    if own is not None:
+        if recipe.resume == "never":
+            raise ConfigError(f"--output {rundir} already holds checkpoint {own.name} and --resume is never: "
+                              "choose a new --output or drop --resume never")
+        return own, ckpt.TrainerState.read(own)
+    if recipe.init_from:
+        source = Path(recipe.init_from)
+        if not (source / ckpt.STATE_FILE).is_file():
+            raise ConfigError(f"--init-from {source}: not a complete checkpoint (no {ckpt.STATE_FILE}); "
+                              "pass a RUNDIR/checkpoints/step-XXXXXXXX folder")
+        return source, ckpt.TrainerState.read(source)
+    return None, None
+
+
+def model_config(recipe: Recipe, source_state: ckpt.TrainerState | None) -> DogeConfig:
+    """The checkpoint's model when there is one, else the recipe's preset; the aux-loss weight is the recipe's."""
+    try:
+        config = (DogeConfig(**source_state.model_config) if source_state
+                  else DogeConfig.from_preset(recipe.model, **recipe.model_overrides))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model_overrides {recipe.model_overrides}: {err}") from err
+    config.router_aux_loss_coef = recipe.aux_loss_weight
+    return config
+
+
+def deepspeed_config(path: str, recipe: Recipe, global_batch: int, grad_accum: int, world: int,
+                     bf16: bool) -> dict:
+    try:
+        config = fill_ds_config(path, recipe, recipe.micro_batch_size, grad_accum, world, bf16)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--deepspeed {path}: {err}") from err
+    if config.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"--deepspeed {path}: fp16 is enabled; Doge trains in bf16 or fp32: set "
+                          "\"fp16\": {\"enabled\": false} and choose --precision bf16")
+    return config
+
+
+def preflight(args: argparse.Namespace, recipe: Recipe, objective_cls: type[Objective], world: int) -> Plan:
+    rundir = Path(args.output)
+    schedule = schedule_of(recipe)
+    global_batch, grad_accum = batch_geometry(recipe, world)
+    bf16 = use_bf16(recipe.precision)
+    ds_config = deepspeed_config(args.deepspeed, recipe, global_batch, grad_accum, world, bf16)
+    source, source_state = resolve_start(rundir, recipe)
+    resumed = source is not None and source.parent == rundir / "checkpoints"
+    config = model_config(recipe, source_state)
+    objective = objective_cls.open(args.data, recipe, config, source_state, resumed)
+    if source is not None and source_state.world_size != world:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return Plan(recipe, rundir, world, config, objective, schedule, global_batch, grad_accum, ds_config, bf16,
+                source, source_state, resumed)
+

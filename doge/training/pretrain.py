@@ -1,0 +1,94 @@
+"""Pre-training: next-token prediction on packed token rows (a prepared DATADIR or a mixture YAML).
+
+The data loader owns `seq_len`: rows prepared longer than the recipe's `seq_len` are cut into
+row_len // seq_len samples, so every token is trained on once per epoch, and the sample order
+(and thus resume on any world size) stays a pure function of the number of samples consumed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from doge.data import DataError, open_pretrain_data
+from doge.training.checkpoint import TrainerState
+from doge.training.distributed import Dist
+from doge.training.lm_loss import causal_lm_loss
+from doge.training.objective import Batch, Objective
+from doge.training.recipe import ConfigError, Recipe
+
+TRACE_ENV = "DOGE_TRACE_SAMPLES"  # for tests: a folder where each rank logs the samples it trains on
+
+
+def open_data(path: str, recipe: Recipe, vocab_size: int, split: str):
+    try:
+        data = open_pretrain_data(path, seed=recipe.seed, split=split, seq_len=recipe.seq_len)
+    except (DataError, OSError) as err:
+        raise ConfigError(f"--data {path}: {err}") from err
+    if data.vocab_size > vocab_size:
+        raise ConfigError(f"--data {path}: tokenizer has {data.vocab_size} tokens but the model's vocab_size is "
+                          f"{vocab_size}: set model_overrides: {{vocab_size: {data.vocab_size}}} in the recipe or "
+                          "prepare the data with a smaller tokenizer")
+    return data
+
+
+def check_same_data(path: str, data, source: TrainerState | None, resumed: bool) -> None:
+    """A resume must see the data it was trained on; a continuation at least its tokenizer."""
+    if source is None:
+        return
+    if resumed and source.data_fingerprint != data.fingerprint:
+        raise ConfigError(f"--data {path} is not the data this run was trained on (fingerprint "
+                          f"{data.fingerprint} != {source.data_fingerprint}): pass the original --data and "
+                          "--seq-len, or start a new --output with --init-from to continue on new data")
+    if source.tokenizer_fingerprint != data.tokenizer_fingerprint:
+        raise ConfigError(f"--data {path} uses tokenizer {data.tokenizer_fingerprint} but the checkpoint "
+                          f"was trained with {source.tokenizer_fingerprint}: prepare the data with the "
+                          "checkpoint's tokenizer (its tokenizer/ folder)")
+
+
+class PretrainObjective(Objective):
+    def __init__(self, train, val):
+        self.train, self.val = train, val
+        self.fingerprint, self.tokenizer_fingerprint = train.fingerprint, train.tokenizer_fingerprint
+        self.tokenizer_dir = train.tokenizer_dir
+
+    @classmethod
+    def open(cls, data: str, recipe: Recipe, model_config, source: TrainerState | None,
+             resumed: bool) -> "PretrainObjective":
+        train = open_data(data, recipe, model_config.vocab_size, "train")
+        check_same_data(data, train, source, resumed)
+        val = open_data(data, recipe, model_config.vocab_size, "val") if recipe.eval_interval else None
+        return cls(train, val)
+
+    def train_batches(self, samples_consumed: int, global_batch: int, dist: Dist, micro: int) -> list[Batch]:
+        rows = self.train.rank_batch(samples_consumed, global_batch, dist.rank, dist.world)
+        _trace(samples_consumed, dist, rows)
+        return [{"input_ids": part} for part in rows.split(micro)]
+
+    def eval_batches(self, dist: Dist, micro: int, max_samples: int) -> list[Batch]:
+        import torch
+
+        if self.val is None:
+            return []
+        per_rank = min(max_samples, len(self.val)) // (micro * dist.world) * micro
+        first = dist.rank * per_rank
+        rows = [torch.as_tensor(self.val[i]) for i in range(first, first + per_rank)]
+        return [{"input_ids": torch.stack(rows[i:i + micro])} for i in range(0, per_rank, micro)]
+
+    def loss(self, model, batch: Batch):
+        return causal_lm_loss(model, batch["input_ids"], batch["input_ids"])
+
+    def describe(self) -> str:
+        held_out = f", {len(self.val)} held-out samples" if self.val is not None else ""
+        return f"pre-training on {self.train.describe()}{held_out}"
+
+
+def _trace(samples_consumed: int, dist: Dist, rows) -> None:
+    """Append the step's samples of this rank to $DOGE_TRACE_SAMPLES/rank-R.jsonl (tests only)."""
+    folder = os.environ.get(TRACE_ENV)
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    first = samples_consumed + dist.rank * len(rows)
+    with open(Path(folder) / f"rank-{dist.rank}.jsonl", "a") as fh:
+        fh.write(json.dumps({"first": first, "rows": rows.tolist()}) + "\n")
