@@ -1,8 +1,9 @@
 """The process group: who this rank is, and the few collectives the loop needs.
 
-`world_from_env` reads the world size the launcher chose (deepspeed, torchrun and SLURM's srun
-all export WORLD_SIZE) without starting anything, so configuration checks can use it before any
-process group exists.
+`world_from_env` reads the world size the launcher chose (deepspeed and torchrun export
+WORLD_SIZE) without starting anything, so configuration checks can use it before any process
+group exists. srun exports no rank variables: `srun -n 4 python doge/train.py` would start 4
+independent 1-rank runs on one --output, so several srun tasks without WORLD_SIZE/RANK are refused.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from doge.training.recipe import ConfigError
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,12 @@ class Dist:
 
 
 def world_from_env() -> int:
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or "1")  # set inside an srun step only
+    if tasks > 1 and "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
+        raise ConfigError(f"srun started {tasks} tasks but no launcher gave them ranks (no WORLD_SIZE/RANK): "
+                          "each would train alone on the same --output; start one launcher per node instead: "
+                          "sbatch slurm/pretrain_20m.sh (it runs srun --ntasks-per-node=1 python -m doge.launch ...), "
+                          "or srun -n 1 for a single rank")
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

@@ -1,0 +1,18 @@
+#!/bin/bash
+# Pre-train Doge-160M (recipes/doge-160m.yaml): sbatch --export=ALL,DATA=/shared/data/web slurm/pretrain_160m.sh
+# Every #SBATCH line below is a default: sbatch flags (--nodes=4, --partition=..., --account=...) or
+# SBATCH_* variables override it; DATA, RUN_DIR, RECIPE, DS_CONFIG, EXTRA: see slurm/launch.sh.
+#SBATCH --job-name=doge-160m
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=16
+#SBATCH --time=72:00:00
+#SBATCH --output=%x-%j.log
+#SBATCH --error=%x-%j.log
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@600
+RECIPE=${RECIPE:-recipes/doge-160m.yaml}
+# sbatch runs a copy of this file, so the launcher is found from where sbatch was called
+source "${DOGE_REPO:-$SLURM_SUBMIT_DIR}/slurm/launch.sh"

@@ -1,0 +1,178 @@
+"""The slurm/ job scripts on a real SLURM cluster (one controller, two emulated nodes on this host,
+see slurm_cluster.py), with the tiny preset on CPU: multi-node training, time-limit and external
+requeues that resume bit-identically, errors that never requeue, the restart cap, continuing a run,
+and the refusal of rank-less multi-task launches. Needs root (the daemons) and the shared corpus."""
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import slurm_cluster
+import train_harness as h
+
+pytestmark = pytest.mark.slow
+
+EXTRA = " ".join(h.TINY[2:])  # the tiny 24-step run; the recipe goes in RECIPE
+TINY_RECIPE = "recipes/doge-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.skip("the SLURM test cluster runs its daemons as root")
+    h.require_shared_data()
+    h.prepared()  # before any job: data and tokenizer exist once
+    h._make_base()
+    cluster = slurm_cluster.Cluster(h.BASE / "slurm")
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+def submit(cluster, script, name, *sbatch_flags, nodes=2, **settings) -> int:
+    """sbatch a slurm/ script with test overrides: CPU nodes, 1 core per node, 10 minutes with the
+    time-limit warning 10 s before the end (so: none), log BASE/name.log; flags given here come last and win."""
+    log = h.BASE / f"{name}.log"
+    env = h.env(RECIPE=TINY_RECIPE, EXTRA=EXTRA, RUN_DIR=str(h.BASE / name), **settings)
+    return cluster.sbatch([f"--job-name={name}", f"--nodes={nodes}", "--gpus-per-node=0", "--cpus-per-task=1",
+                           "--time=10", "--signal=B:USR1@10", f"--output={log}", f"--error={log}", *sbatch_flags,
+                           script], env, h.REPO)
+
+
+def log_of(name) -> str:
+    return (h.BASE / f"{name}.log").read_text()
+
+
+def runs_in_log(name) -> int:
+    return len(re.findall(r"doge-slurm \[.*\] job \d+ run \d+ on", log_of(name)))
+
+
+def last_line(name) -> str:
+    return log_of(name).rstrip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def reference_job(cluster):
+    """Acceptance run and reference: 2 nodes x 1 rank, uninterrupted."""
+    started = time.time()
+    job = submit(cluster, "slurm/pretrain_20m.sh", "two-nodes", DATA=str(h.prepared()))
+    info = cluster.wait_done(job, 600)
+    print(f"2-node tiny job: {time.time() - started:.0f} s from sbatch to the end")
+    return job, info
+
+
+def test_two_nodes_train_as_one_job_and_export(reference_job):
+    job, info = reference_job
+    text = log_of("two-nodes")
+    assert info["JobState"] == "COMPLETED" and info["RestartCnt"] == "0", text[-3000:]
+    assert "doge-slurm: node 0 is node1" in text and "doge-slurm: node 1 is node2" in text
+    assert text.count("fresh start at step 0") == 1 and "world 2," in text, "one process group of 2 ranks"
+    assert sorted(h.train_lines(h.BASE / "two-nodes")) == list(range(1, 25))
+    assert (h.BASE / "two-nodes" / "final" / "model.safetensors").is_file()
+    assert "finished at step 24" in last_line("two-nodes")
+
+
+def test_time_limit_saves_requeues_resumes_bit_identical(cluster, reference_job):
+    """1-minute limit, warning 30 s before it: every run saves on the warning and requeues itself."""
+    name = "time-limit"
+    started = time.time()
+    job = submit(cluster, "slurm/pretrain_20m.sh", name, "--time=1", "--signal=B:USR1@30",
+                 DATA=str(h.prepared()), MAX_RESTARTS="30")
+    info = cluster.wait_done(job, 900)
+    print(f"time-limit job: {time.time() - started:.0f} s, {info['RestartCnt']} requeues")
+    text = log_of(name)
+    assert info["JobState"] == "COMPLETED" and int(info["RestartCnt"]) >= 1, text[-3000:]
+    assert "DUE TO TIME LIMIT" not in text, "the time limit killed a run before it saved"
+    warnings = len(re.findall(r"doge-slurm \[.*\] SIGUSR1: asking every rank", text))
+    assert text.count("(stop signal)") == warnings >= int(info["RestartCnt"]), "a save after every warning"
+    assert text.count("resumed from") == int(info["RestartCnt"]) == runs_in_log(name) - 1
+    assert "finished at step 24" in last_line(name)
+    h.assert_bit_identical(h.final_weights(h.BASE / name), h.final_weights(h.BASE / "two-nodes"))
+
+
+def test_requeue_from_outside_resumes_bit_identical(cluster, reference_job):
+    name = "outside-requeue"
+    job = submit(cluster, "slurm/pretrain_20m.sh", name, DATA=str(h.prepared()))
+    h.wait_for(lambda: h.last_step(h.BASE / name) >= 4, 300, "step 4", poll=0.5)
+    cluster.run(["scontrol", "requeue", str(job)])
+    info = cluster.wait_done(job, 600)
+    text = log_of(name)
+    assert info["JobState"] == "COMPLETED" and info["RestartCnt"] == "1", text[-3000:]
+    assert "resumed from" in text and "finished at step 24" in last_line(name)
+    h.assert_bit_identical(h.final_weights(h.BASE / name), h.final_weights(h.BASE / "two-nodes"))
+
+
+def test_real_errors_end_with_the_reason_and_never_requeue(cluster):
+    """Missing data and a bad recipe value, each with a time-limit warning armed: FAILED, no requeue."""
+    jobs = {"missing-data": submit(cluster, "slurm/pretrain_20m.sh", "missing-data", nodes=1,
+                                   DATA=str(h.BASE / "no-such-data")),
+            "bad-recipe": submit(cluster, "slurm/pretrain_20m.sh", "bad-recipe", nodes=1, DATA=str(h.prepared()),
+                                 EXTRA=EXTRA + " --warmup-steps 100")}
+    for name, job in jobs.items():
+        info = cluster.wait_done(job, 300)
+        text = log_of(name)
+        assert info["JobState"] == "FAILED" and info["RestartCnt"] == "0" and info["ExitCode"] == "2:0", text[-3000:]
+        assert "error: " in text and "Traceback" not in text
+        assert re.search(r"failed \(exit 2\): .+; not requeued$", last_line(name)), last_line(name)
+    assert "no-such-data" in log_of("missing-data") and "warmup" in log_of("bad-recipe")
+
+
+def test_restarts_stop_at_the_maximum(cluster):
+    """Preempted again and again (the warning signal in every run): requeued twice, then it stops."""
+    name = "preempted"
+    job = submit(cluster, "slurm/pretrain_20m.sh", name, DATA=str(h.prepared()), MAX_RESTARTS="2",
+                 EXTRA=EXTRA + " --max-steps 100000 --decay-steps 8 --save-interval 0")
+    step = 0
+    for run in (1, 2, 3):  # each run signalled once it trains (past the step the last one saved)
+        h.wait_for(lambda: runs_in_log(name) == run and h.last_step(h.BASE / name) > step, 300,
+                   f"run {run} training", poll=0.5)
+        step = h.last_step(h.BASE / name)
+        cluster.run(["scancel", "--batch", "--signal=USR1", str(job)])
+    info = cluster.wait_done(job, 300)
+    text = log_of(name)
+    assert info["RestartCnt"] == "2" and info["JobState"] == "FAILED", text[-3000:]
+    assert "MAX_RESTARTS=2" in last_line(name) and "not requeued" in last_line(name)
+    assert runs_in_log(name) == 3
+
+
+def test_continue_from_a_stable_checkpoint_leaves_the_source_unchanged(cluster, reference_job):
+    source_run = h.BASE / "two-nodes"
+    source = source_run / "checkpoints" / "step-00000016"  # decay starts after step 16: stable phase
+    before = h.tree_digest(source_run)
+    name = "continued"
+    job = submit(cluster, "slurm/continue.sh", name, DATA=str(h.prepared("tinystories_val.txt")),
+                 INIT_FROM=str(source),
+                 EXTRA=EXTRA + " --max-steps 8 --warmup-steps 2 --decay-steps 4 --eval-interval 0")
+    info = cluster.wait_done(job, 600)
+    text = log_of(name)
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    assert f"initialised from {source} at step 0" in text
+    assert sorted(h.train_lines(h.BASE / name)) == list(range(1, 9))
+    assert (h.BASE / name / "final" / "model.safetensors").is_file()
+    assert h.tree_digest(source_run) == before, "the source run was modified"
+
+
+def test_continue_without_a_checkpoint_is_refused(cluster):
+    job = submit(cluster, "slurm/continue.sh", "continue-no-source", nodes=1, DATA=str(h.prepared()))
+    info = cluster.wait_done(job, 120)
+    assert info["JobState"] == "FAILED" and "needs INIT_FROM" in last_line("continue-no-source")
+
+
+def test_four_tasks_without_rank_variables_exit_2_naming_the_fix(cluster):
+    rundir = h.BASE / "rankless"
+    done = cluster.run(["srun", "--nodes=2", "--ntasks=4", "--cpus-per-task=1", "--time=5", sys.executable,
+                        *h.train_cmd(1, rundir, h.prepared())[1:]], check=False, cwd=h.REPO,
+                       env=dict(h.env(), SLURM_CONF=cluster.env["SLURM_CONF"]), timeout=300)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 4 and all("srun started 4 tasks" in line and "--ntasks-per-node=1" in line
+                                    and "doge.launch" in line for line in errors), done.stderr[-3000:]
+    assert not (rundir / "checkpoints").exists()
+
+
+def test_job_scripts_are_valid_bash():
+    for script in sorted((h.REPO / "slurm").glob("*.sh")):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
