@@ -53,6 +53,10 @@ class Objective(ABC):
         """(loss to back-propagate, scalar metrics averaged over micro-batches and ranks). The
         metrics include `loss`, the number reported as the training (and validation) loss."""
 
+    def samples_per_epoch(self) -> int:
+        """Training samples in one pass over the data (what the recipe's `epochs` counts)."""
+        raise NotImplementedError(f"{type(self).__name__} has no epochs: set max_steps")
+
     def describe(self) -> str:
         """One line for the run's opening message."""
         return type(self).__name__

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -38,7 +39,9 @@ def _f(default, help: str, *, choices=None, low=None, high=None, cli=True):
 
 @dataclass
 class Recipe:
-    model: str = _f("doge-tiny", "model preset", choices=tuple(PRESETS))
+    model: str = _f("doge-tiny", f"model preset ({', '.join(PRESETS)}), or a folder to start from: an HF export "
+                                 "(config.json + model.safetensors; its config and weights, a fresh optimizer, "
+                                 "e.g. RUNDIR/final) or a checkpoint folder (the same as --init-from)")
     model_overrides: typing.Optional[dict] = _f(None, "extra DogeConfig keys, e.g. {is_moe: true} (YAML only)",
                                                 cli=False)
     seq_len: int = _f(2048, "tokens per sample; prepared rows longer than this are cut into several samples, "
@@ -79,6 +82,10 @@ class Recipe:
     resume: str = _f("auto", "auto: resume from OUTPUT/checkpoints/latest if present; never: refuse to "
                              "start when OUTPUT already holds a checkpoint", choices=RESUME_MODES)
     export: bool = _f(True, "write an HF export to OUTPUT/final at the end")
+    epochs: typing.Optional[float] = _f(None, "passes over the training data: sets max_steps from the data's size "
+                                              "(SFT/DPO data)", low=0.0)
+    beta: float = _f(0.1, "DPO: weight of the implicit KL penalty towards the frozen reference model (sigmoid "
+                          "loss)", low=1e-6)
 
 
 def _fields():
@@ -156,6 +163,9 @@ def _check_range(f, value) -> None:
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ConfigError(f"{flag(name)} = {value}: must be {bounds}")
+    if name == "model" and value not in PRESETS and not Path(value).is_dir():
+        raise ConfigError(f"{flag(name)} = {value!r}: neither a preset ({', '.join(PRESETS)}) nor a folder; pass "
+                          "a preset name, an HF export folder or a checkpoint folder")
     if name == "lr" and value == 0:
         raise ConfigError(f"{flag(name)} = 0: a run needs a positive peak learning rate")
 
