@@ -24,5 +24,5 @@ setup(
         "matplotlib>=3.5",
         "psutil>=5.9",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "trl>=1.16"]},  # trl: DPO loss test
 )

@@ -87,18 +87,18 @@ def _messages(value, where: str, name: str) -> list:
 
 
 def conversation(record, where: str, fields: tuple) -> list:
-    """An SFT record -> messages: smoltalk/OpenAssistant `messages`, or two --fields as user/assistant."""
+    """An SFT record -> messages: smoltalk/OpenAssistant `messages`, else the two --fields as user/assistant."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if fields:
-        missing = [f for f in fields if not isinstance(record.get(f), str)]
-        if missing:
-            raise DataError(f"{where}: no string field(s) {missing}; check --fields (found {sorted(record)})")
-        return [{"role": "user", "content": record[fields[0]]}, {"role": "assistant", "content": record[fields[1]]}]
-    if "messages" not in record:
+    if "messages" in record:
+        return _messages(record["messages"], where, "messages")
+    if not fields:
         raise DataError(f"{where}: no `messages` field (found {sorted(record)}); pass --fields PROMPT,ANSWER "
                         "for question/answer records")
-    return _messages(record["messages"], where, "messages")
+    missing = [f for f in fields if not isinstance(record.get(f), str)]
+    if missing:
+        raise DataError(f"{where}: no string field(s) {missing}; check --fields (found {sorted(record)})")
+    return [{"role": "user", "content": record[fields[0]]}, {"role": "assistant", "content": record[fields[1]]}]
 
 
 def hh_transcript(text: str, where: str) -> list:
