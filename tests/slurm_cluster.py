@@ -156,12 +156,12 @@ class Cluster:
         done = self.run(["sbatch", "--parsable", *args], env=dict(env, SLURM_CONF=self.env["SLURM_CONF"]), cwd=cwd)
         return int(done.stdout.strip().split(";")[0])
 
-    def job(self, job_id: int) -> dict[str, str]:
+    def job(self, job_id: int | str) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, RestartCnt, ExitCode, NodeList, ...)."""
         out = self.run(["scontrol", "show", "job", "-o", str(job_id)]).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
-    def wait_done(self, job_id: int, timeout: float) -> dict[str, str]:
+    def wait_done(self, job_id: int | str, timeout: float) -> dict[str, str]:
         """Poll until the job is in a final state (not requeued, not pending, not running)."""
         final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                  "DEADLINE", "PREEMPTED"}

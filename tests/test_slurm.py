@@ -2,12 +2,14 @@
 see slurm_cluster.py), with the tiny preset on CPU: multi-node training, time-limit and external
 requeues that resume bit-identically, errors that never requeue, the restart cap, continuing a run,
 and the refusal of rank-less multi-task launches. Needs root (the daemons) and the shared corpus."""
+import json
 import os
 import re
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import slurm_cluster
 import train_harness as h
@@ -176,3 +178,41 @@ def test_four_tasks_without_rank_variables_exit_2_naming_the_fix(cluster):
 def test_job_scripts_are_valid_bash():
     for script in sorted((h.REPO / "slurm").glob("*.sh")):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+
+
+def test_prepare_array_gives_the_same_samples_for_1_and_3_tasks_and_a_killed_task_reruns_alone(cluster):
+    from doge.data.loader import open_pretrain_data
+
+    inputs = " ".join(str(h.SHARED_PRETRAIN / f) for f in ("tinyshakespeare.txt", "tinystories_val.txt",
+                                                          "wikitext2_test.raw"))
+    settings = dict(INPUT=inputs, TOKENIZER=str(h.tokenizer()),
+                    PREP_FLAGS=f"--seq-len {h.SEQ_LEN} --val-fraction 0.01 --val-rows 64 --workers 1 --quiet")
+
+    def prepare(name, array):
+        log = h.BASE / f"{name}-%a.log"
+        return cluster.sbatch([f"--array={array}", "--cpus-per-task=1", "--time=10", f"--output={log}",
+                               f"--error={log}", "slurm/prepare.sh"],
+                              h.env(OUTPUT=str(h.BASE / name), **settings), h.REPO)
+
+    one = prepare("prep-1", "0")
+    three = prepare("prep-3", "0-2")
+    # task 1 of 3 owns tinystories_val.txt: kill it while prepare.py works on that part
+    h.wait_for(lambda: (h.BASE / "prep-3" / "parts" / "part-00001.partial").exists(), 300, "task 1 working",
+               poll=0.1)
+    cluster.run(["scancel", f"{three}_1"])
+    assert cluster.wait_done(f"{three}_1", 120)["JobState"] == "CANCELLED"
+    for task in (0, 2):
+        assert cluster.wait_done(f"{three}_{task}", 300)["JobState"] == "COMPLETED"
+    assert cluster.wait_done(one, 300)["JobState"] == "COMPLETED", (h.BASE / "prep-1-0.log").read_text()[-2000:]
+    assert not (h.BASE / "prep-3" / "manifest.json").exists(), "combined although a part is missing"
+    assert "not yet complete" in (h.BASE / "prep-3-0.log").read_text() + (h.BASE / "prep-3-2.log").read_text()
+
+    rerun = prepare("prep-3", "1")  # task 1 alone, same settings: it follows the recorded plan of 3 tasks
+    assert cluster.wait_done(rerun, 300)["JobState"] == "COMPLETED", (h.BASE / "prep-3-1.log").read_text()[-2000:]
+    assert "task 1 of 3: units [1]" in (h.BASE / "prep-3-1.log").read_text()
+    train = [open_pretrain_data(h.BASE / name, seed=0) for name in ("prep-1", "prep-3")]
+    rows = json.loads((h.BASE / "prep-1" / "manifest.json").read_text())["splits"]["train"]["rows"]
+    assert rows > 1000 and np.array_equal(train[0].samples(range(rows)), train[1].samples(range(rows)))
+    assert train[0].fingerprint == train[1].fingerprint
+    val = [open_pretrain_data(h.BASE / name, seed=0, split="val") for name in ("prep-1", "prep-3")]
+    assert len(val[0]) == len(val[1]) > 0 and all(np.array_equal(val[0][i], val[1][i]) for i in range(len(val[0])))

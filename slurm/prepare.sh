@@ -1,0 +1,28 @@
+#!/bin/bash
+# Tokenize a corpus as a job array: each task prepares a disjoint set of the input files, the last
+# one to finish writes one DATADIR over all parts (same samples whatever the array size):
+#   sbatch --array=0-15 --export=ALL,INPUT="/shared/raw/web/*.jsonl.gz",TOKENIZER=/shared/tokenizer,\
+#   OUTPUT=/shared/data/web,PREP_FLAGS="--seq-len 2048 --workers 16" slurm/prepare.sh
+# A failed or preempted task reruns alone, e.g. task 3: sbatch --array=3 ... slurm/prepare.sh (same settings).
+# INPUT is word-split (quote globs so the task expands them); PREP_FLAGS go to data_tools/prepare.py.
+#SBATCH --job-name=doge-prepare
+#SBATCH --array=0-7
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=16
+#SBATCH --time=12:00:00
+#SBATCH --output=%x-%A_%a.log
+#SBATCH --error=%x-%A_%a.log
+#SBATCH --open-mode=append
+#SBATCH --requeue
+set -uo pipefail
+cd "${DOGE_REPO:-${SLURM_SUBMIT_DIR:-.}}" || exit 2
+for name in INPUT TOKENIZER OUTPUT; do
+    [[ -n "${!name:-}" ]] || { echo "doge-slurm: error: $name is not set (see slurm/prepare.sh)"; exit 2; }
+done
+[[ -n "${SLURM_ARRAY_TASK_ID:-}" ]] || { echo "doge-slurm: error: submit as an array: sbatch --array=0-N"; exit 2; }
+# The first task records this array's size in OUTPUT/parts/plan.json; a rerun of one task follows it.
+tasks=$((SLURM_ARRAY_TASK_MAX + 1))
+read -ra inputs <<< "$INPUT"
+read -ra flags <<< "${PREP_FLAGS:-}"
+exec "${PYTHON:-python}" data_tools/prepare_parts.py --task "$SLURM_ARRAY_TASK_ID" --tasks "$tasks" \
+    --input "${inputs[@]}" --output "$OUTPUT" -- --tokenizer "$TOKENIZER" "${flags[@]}"
