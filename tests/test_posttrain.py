@@ -216,3 +216,19 @@ def test_dpo_two_ranks_reward_margin_on_the_training_pairs_rises():
     assert len(lines) == -(-4 * pairs // 8) >= 8  # --epochs 4 sets max_steps from the data's size
     margins = [lines[s]["reward_margin"] for s in sorted(lines)]
     assert sum(margins[-4:]) / 4 > sum(margins[:4]) / 4 + 0.1, margins
+
+
+def test_decoder_stream_yields_the_tokens_generate_returns():
+    from doge.model.generation import Decoder
+
+    model, prompt = tiny_model(), torch.randint(4, 1024, (1, 9), generator=torch.Generator().manual_seed(1))
+    decoder = Decoder(model, static=False)
+    streamed = torch.stack(list(decoder.stream(prompt, 12, eos_token_id=None)), 1)
+    assert torch.equal(torch.cat([prompt, streamed], 1), decoder.generate(prompt, 12))
+
+
+@pytest.mark.slow
+def test_sft_export_chats_through_doge_generate():
+    done = h.run([sys.executable, "-m", "doge.generate", "--model", str(sft_run() / "final"), "--prompt",
+                  "What is 2 + 3?", "--chat", "--max-new-tokens", "16"])
+    assert "tokens/s]" in done.stderr and "What is" not in done.stdout

@@ -66,24 +66,44 @@ class Decoder:
         """Prompt followed by up to `max_new_tokens` tokens (stops early once every row hit EOS)."""
         batch, prompt_len = input_ids.shape
         capacity = prompt_len + max_new_tokens
-        device = input_ids.device
-        layers = [_Layer(layer, batch, capacity, self.dtype, device) for layer in self.model.model.layers]
-        out = torch.empty(batch, capacity, dtype=torch.long, device=device)
+        layers, logits = self._prefill(input_ids, capacity)
+        out = torch.empty(batch, capacity, dtype=torch.long, device=input_ids.device)
         out[:, :prompt_len] = input_ids
-        logits = self._step(layers, input_ids, 0)
-        if temperature <= 0 and self._use_static(capacity, device):
+        if temperature <= 0 and self._use_static(capacity, input_ids.device):
             return self._generate_static(layers, out, logits.argmax(-1), prompt_len, eos_token_id)
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        pos = prompt_len - 1
+        for pos, token in enumerate(self._tokens(layers, logits, prompt_len, capacity, temperature, eos_token_id,
+                                                 generator), start=prompt_len):
+            out[:, pos] = token
+        return out[:, : pos + 1]
+
+    @torch.inference_mode()
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+               eos_token_id: int | None = None, generator: torch.Generator | None = None):
+        """Yield each new token, (B,) ids, as soon as it is chosen (the eager step: for printing
+        as it goes); the same tokens as `generate`."""
+        capacity = input_ids.shape[1] + max_new_tokens
+        layers, logits = self._prefill(input_ids, capacity)
+        yield from self._tokens(layers, logits, input_ids.shape[1], capacity, temperature, eos_token_id, generator)
+
+    def _prefill(self, input_ids: torch.Tensor, capacity: int):
+        """Cache buffers for `capacity` positions, filled with the prompt; the last prompt logits."""
+        layers = [_Layer(layer, input_ids.shape[0], capacity, self.dtype, input_ids.device)
+                  for layer in self.model.model.layers]
+        return layers, self._step(layers, input_ids, 0)
+
+    def _tokens(self, layers, logits, prompt_len: int, capacity: int, temperature, eos_token_id, generator):
+        """Eager decoding: rows that hit EOS repeat it; stops at capacity or when every row is done."""
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         for pos in range(prompt_len, capacity):
             token = self._pick(logits, temperature, generator)
             if eos_token_id is not None:
                 token = token.masked_fill(done, eos_token_id)
                 done |= token == eos_token_id
-            out[:, pos] = token
+            yield token
             if pos + 1 == capacity or bool(done.all()):
-                return out[:, : pos + 1]
+                return
             logits = self._step(layers, token[:, None], pos)
-        return out
 
     @staticmethod
     def _pick(logits, temperature, generator):
