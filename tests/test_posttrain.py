@@ -232,3 +232,21 @@ def test_sft_export_chats_through_doge_generate():
     done = h.run([sys.executable, "-m", "doge.generate", "--model", str(sft_run() / "final"), "--prompt",
                   "What is 2 + 3?", "--chat", "--max-new-tokens", "16"])
     assert "tokens/s]" in done.stderr and "What is" not in done.stdout
+
+
+@pytest.mark.parametrize("name, lr, seq_len, tokens", [
+    ("sft-doge-20m", 8e-4, 2048, 0.25e6), ("sft-doge-60m", 6e-4, 2048, 0.25e6),
+    ("dpo-doge-20m", 8e-5, 1024, 0.125e6), ("dpo-doge-60m", 6e-5, 1024, 0.125e6)])
+def test_post_training_recipes_carry_the_published_values(name, lr, seq_len, tokens):
+    from doge.training.recipe import load_recipe
+
+    recipe = load_recipe(str(h.REPO / "recipes" / f"{name}.yaml"), {})
+    assert (recipe.lr, recipe.seq_len, recipe.epochs, recipe.precision) == (lr, seq_len, 2, "bf16")
+    assert abs(recipe.global_batch_tokens - tokens) / tokens < 0.05
+
+
+def test_model_must_be_a_preset_or_a_folder():
+    from doge.training.recipe import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_recipe(None, {"model": "doge-7b"})
