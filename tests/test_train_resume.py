@@ -30,7 +30,7 @@ def test_kill9_anywhere_resumes_bit_identical_on_same_wandb_run():
     assert find_latest(ckpts).name == "step-00000008", f"killed at step {kill_at}"
 
     # Same command; this time kill -9 while the step-16 checkpoint is half written.
-    job = h.start(cmd, rundir.parent / "killed-2.log", DOGE_FAULT_SLOW_SAVE="16:300")
+    job = h.start(cmd, rundir.parent / "killed-2.log", DOGE_FAULT_PAUSE="save-state:16:300")
     h.wait_for(lambda: (ckpts / ".tmp-step-00000016" / "trainer_state.json").is_file(), 400, "the step-16 save", job)
     h.kill9_group(job)
     assert not (ckpts / "step-00000016").exists() and find_latest(ckpts).name == "step-00000008"

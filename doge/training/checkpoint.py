@@ -2,13 +2,22 @@
 
 Layout of `RUNDIR/checkpoints/`:
 
-    step-00000100/          complete checkpoint (engine files, trainer_state.json, rng/, tokenizer/)
+    step-00000100/          complete checkpoint (engine files, trainer_state.json, rng/, tokenizer/,
+                            manifest.json: every other file's name and size, written last)
     .tmp-step-00000200/     a save in progress or killed mid-write: never read, removed on start
-    latest                  text file naming the newest complete checkpoint, written last
+    latest                  text file naming the newest checkpoint, for people and DeepSpeed tools
     universal/step-...      DeepSpeed universal copies, made when the world size changed
+    broken/step-...         folders that were not complete (or failed to load), moved aside, never deleted
 
 A checkpoint becomes visible only through the final `rename`, so a crash at any point leaves
-either the previous checkpoint or the new one, never a half-written folder under a real name.
+either the previous checkpoint or the new one. Completeness is still checked on every start,
+because a folder can be damaged later (a lost file, a truncated copy): a checkpoint is complete
+when every file its manifest lists is there with its size, and the trainer's state parses.
+Resume takes the newest complete folder by step, whatever `latest` says. Folders written before
+manifests existed count as complete when trainer_state.json parses (the earlier rule); a loss
+they hide shows up at load time, which falls back to the previous checkpoint.
+Sizes, not hashes: stat-ing the files costs under a millisecond, while hashing every
+checkpoint at each start would re-read gigabytes for the bigger presets.
 """
 from __future__ import annotations
 
@@ -19,7 +28,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,9 +38,11 @@ import torch.distributed as dist
 from doge import atomic
 from doge.atomic import TMP_PREFIX
 from doge.training.distributed import barrier
+from doge.training.faults import pause
 
 STATE_FILE = "trainer_state.json"
-SLOW_SAVE_ENV = "DOGE_FAULT_SLOW_SAVE"  # fault injection for tests: "STEP:SECONDS" sleeps inside that save
+MANIFEST_FILE = "manifest.json"
+BROKEN_DIR = "broken"
 
 
 @dataclass
@@ -53,7 +63,12 @@ class TrainerState:
 
     @classmethod
     def read(cls, ckpt: Path) -> "TrainerState":
-        return cls(**json.loads((ckpt / STATE_FILE).read_text()))
+        """Raises ValueError naming the file when it is not a trainer state (e.g. truncated)."""
+        path = ckpt / STATE_FILE
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+            raise ValueError(f"{path} is not a trainer state (truncated or edited?): {err}") from err
 
 
 def step_tag(step: int) -> str:
@@ -76,11 +91,57 @@ def restore_rng(ckpt: Path, rank: int) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _injected_delay(step: int) -> None:
-    """Let a test kill -9 the job while a checkpoint is half written."""
-    fault = os.environ.get(SLOW_SAVE_ENV, "")
-    if fault and int(fault.split(":")[0]) == step:
-        time.sleep(float(fault.split(":")[1]))
+def write_manifest(folder: Path) -> None:
+    """Name and size of every file in `folder`, written last: its presence marks the save complete."""
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    atomic.write_json(folder / MANIFEST_FILE, {"files": files})
+
+
+def incomplete_reason(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (a missing or short file, an unreadable state), or None."""
+    manifest = ckpt / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError) as err:
+            return f"{MANIFEST_FILE} is unreadable ({err})"
+        for name, size in files.items():
+            path = ckpt / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+    elif not (ckpt / STATE_FILE).is_file():
+        return f"neither {MANIFEST_FILE} nor {STATE_FILE} is there"
+    try:
+        TrainerState.read(ckpt)
+    except (OSError, ValueError) as err:
+        return str(err)
+    return None
+
+
+def scan(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(complete checkpoints oldest first, [(incomplete folder, why)])."""
+    complete, broken = [], []
+    for folder in sorted(root.glob("step-*")) if root.is_dir() else []:
+        reason = incomplete_reason(folder)
+        if reason is None:
+            complete.append(folder)
+        else:
+            broken.append((folder, reason))
+    return complete, broken
+
+
+def move_aside(folder: Path) -> Path:
+    """Rank 0: move a checkpoint folder to `broken/` (numbered if that name is taken); returns where."""
+    target = folder.parent / BROKEN_DIR / folder.name
+    target.parent.mkdir(exist_ok=True)
+    n = 1
+    while target.exists():
+        n += 1
+        target = target.with_name(f"{folder.name}.{n}")
+    os.rename(folder, target)
+    return target
 
 
 def save(engine, root: Path, state: TrainerState, tokenizer_dir: str | None, keep_last: int) -> Path:
@@ -93,36 +154,43 @@ def save(engine, root: Path, state: TrainerState, tokenizer_dir: str | None, kee
         atomic.fresh_staging_dir(final)
     barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+    pause("save-engine", state.step)
     (tmp / "rng").mkdir(parents=True, exist_ok=True)
     with open(tmp / "rng" / f"rank-{rank:05d}.pkl", "wb") as fh:
         pickle.dump(_rng_state(), fh)
+    pause("save-rng", state.step)
     barrier()
     if rank == 0:
-        if tokenizer_dir:
-            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-        atomic.write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=1))
-        _injected_delay(state.step)
-        atomic.publish_dir(tmp, final)
-        atomic.write_text(root / "latest", tag + "\n")
+        _publish(tmp, final, state, tokenizer_dir)
         prune(root, keep_last)
     barrier()
     return final
 
 
+def _publish(tmp: Path, final: Path, state: TrainerState, tokenizer_dir: str | None) -> None:
+    """Rank 0: the trainer state, the manifest last, then the rename and `latest`. A folder already
+    under the final name (one that failed to load) is moved aside, never overwritten."""
+    if tokenizer_dir:
+        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    atomic.write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=1))
+    pause("save-state", state.step)
+    write_manifest(tmp)
+    pause("save-manifest", state.step)
+    if final.exists():
+        move_aside(final)
+    atomic.publish_dir(tmp, final)
+    pause("save-published", state.step)
+    atomic.write_text(final.parent / "latest", final.name + "\n")
+    pause("save-latest", state.step)
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
+    return scan(root)[0]
 
 
 def find_latest(root: Path) -> Path | None:
-    """The checkpoint `latest` names; the newest complete one if `latest` is missing or stale."""
-    pointer = root / "latest"
-    if pointer.is_file():
-        ckpt = root / pointer.read_text().strip()
-        if (ckpt / STATE_FILE).is_file():
-            return ckpt
+    """The newest complete checkpoint (by step; `latest` may lag behind after a kill)."""
     found = complete_checkpoints(root)
     return found[-1] if found else None
 

@@ -4,15 +4,24 @@
 `--data`, `--output` and one flag per recipe field. The order matters: the run is checked
 completely (`doge.training.preflight`) before the process group starts, so a bad config costs
 no DeepSpeed start-up and prints one `error: ...` line (exit 2) from rank 0 only.
+
+Rank 0 keeps `RUNDIR/status.json` ({"state": running|finished|stopped|failed, "reason", "step"})
+up to date at start, finish, stop signal and failure, for requeue scripts; a job killed outright
+(kill -9, a lost node) leaves "running" behind with a stale `run.lock`.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
+from doge import atomic
 from doge.data import DataError
+from doge.launch import watch_launcher
 from doge.training import checkpoint as ckpt
+from doge.training import runlock
 from doge.training.distributed import Dist, barrier, init_distributed, rank_from_env, shutdown, world_from_env
 from doge.training.engine import build_engine, load_start
 from doge.training.flops import device_peak_flops, flops_per_token
@@ -43,11 +52,17 @@ def start(plan: Plan, dist: Dist) -> Trainer:
     if dist.is_main:
         plan.rundir.mkdir(parents=True, exist_ok=True)
         ckpt.prune(plan.rundir / "checkpoints", keep_last=0)  # only removes leftovers of killed saves
+        notes = [plan.lock_note] if plan.lock_note else []
+        notes += [f"skipped checkpoint {folder.name}: {why}; moved to {ckpt.move_aside(folder)}"
+                  for folder, why in plan.skipped]
+        for note in notes:
+            print(note, flush=True)
     barrier()
     engine = build_engine(plan.model_config, plan.ds_config, plan.recipe.weight_decay, plan.recipe.seed,
                           plan.init_weights)
     if plan.source is not None:
-        load_start(engine, plan, dist)
+        loaded = load_start(engine, plan, dist)
+        plan.source, plan.source_state = loaded, ckpt.TrainerState.read(loaded)
     trainer = Trainer(plan, dist, engine, trainer_state(plan, dist.world), None, None)
     if dist.is_main:
         open_reporting(trainer)
@@ -94,23 +109,59 @@ def fail(err: Exception) -> int:
     return 2
 
 
+STATUS_FILE = "status.json"
+
+
+def write_status(rundir: Path, state: str, reason: str, step: int | None) -> None:
+    """Rank 0: RUNDIR/status.json, replaced atomically (a reader never sees half of it)."""
+    if rank_from_env() == 0:
+        atomic.write_json(Path(rundir) / STATUS_FILE, {"state": state, "reason": reason, "step": step})
+
+
+def refuse(err: ConfigError, output: str | None) -> int:
+    """A run that cannot start: `failed` in status.json when it continues a stopped or failed run
+    (a finished run stays finished, a running job's status is not ours), then the one line."""
+    path = Path(output or "") / STATUS_FILE
+    old = json.loads(path.read_text()) if output and path.is_file() else {}
+    if old.get("state") in ("stopped", "failed"):
+        write_status(Path(output), "failed", str(err), old.get("step"))
+    return fail(err)
+
+
 def main(objective_cls: type[Objective], description: str, argv=None) -> int:
+    watch_launcher()  # a rank never outlives its launcher
+    args = None
     try:
         args, recipe = parse_args(description, argv)
         plan = preflight(args, recipe, objective_cls, world_from_env())
     except ConfigError as err:
-        return fail(err)
-    dist = init_distributed()
+        return refuse(err, args and args.output)
+    try:
+        return train(plan)
+    finally:
+        runlock.release(plan.rundir)
+
+
+def train(plan: Plan) -> int:
+    """Start, fit and finish a checked run, with its status.json at each stage."""
+    dist, trainer = init_distributed(), None
     install_stop_handlers()
     try:
         trainer = start(plan, dist)
+        write_status(plan.rundir, "running", "", trainer.state.step)
         stopped = trainer.fit()
-    except DataError as err:  # e.g. a shard whose bytes no longer match its manifest
+        if dist.is_main:
+            trainer.reporter.close()
+            if not stopped:
+                finish(trainer)
+    except (DataError, ConfigError) as err:  # e.g. a shard whose bytes no longer match its manifest
+        write_status(plan.rundir, "failed", str(err), trainer and trainer.state.step)
         return fail(err)
-    if dist.is_main:
-        trainer.reporter.close()
-        if not stopped:
-            finish(trainer)
+    except BaseException as err:  # a crash: recorded, then the traceback as usual
+        write_status(plan.rundir, "failed", f"{type(err).__name__}: {err}", trainer and trainer.state.step)
+        raise
+    write_status(plan.rundir, "stopped" if stopped else "finished", "stop signal" if stopped else "done",
+                 trainer.state.step)
     trainer.engine.destroy()
     shutdown()
     return 0

@@ -14,7 +14,8 @@ import torch
 from doge.model.configuration import DogeConfig
 from doge.model.modeling import DogeForCausalLM
 from doge.training import checkpoint as ckpt
-from doge.training.distributed import Dist, barrier
+from doge.training.distributed import Dist, all_reduce_sum
+from doge.training.recipe import ConfigError
 
 if TYPE_CHECKING:
     from doge.training.preflight import Plan
@@ -60,21 +61,57 @@ def load_export_weights(model: torch.nn.Module, folder: Path) -> None:
                            f"{unexpected}")
 
 
-def load_start(engine, plan: "Plan", dist: Dist) -> None:
+def load_start(engine, plan: "Plan", dist: Dist) -> Path:
     """Load engine state from the plan's checkpoint, through a universal copy when the world size
-    changed; a resume of the same world size also restores each rank's RNG streams."""
-    load_dir, state = plan.source, plan.source_state
-    if state.world_size != dist.world:
+    changed; a resume of the same world size also restores each rank's RNG streams. A resumed
+    checkpoint that fails to load is moved to `broken/` and the previous complete one of the same
+    world size is tried. Returns the checkpoint loaded."""
+    candidates = [plan.source]
+    if plan.resumed:
+        older = reversed(ckpt.complete_checkpoints(plan.source.parent))
+        candidates += [c for c in older if c < plan.source and
+                       ckpt.TrainerState.read(c).world_size == plan.source_state.world_size]
+    for source in candidates:
+        error = _try_load(engine, plan, source, dist)
+        if error is None:
+            return source
+        if dist.is_main:
+            where = ckpt.move_aside(source) if plan.resumed else source
+            print(f"checkpoint {source} failed to load ({error}); moved to {where}"
+                  + ("; falling back to the previous complete checkpoint" if source != candidates[-1] else ""),
+                  flush=True)
+    raise ConfigError(f"no checkpoint could be loaded (the last tried was {candidates[-1]}); see the lines above: "
+                      "restore its files or start a new --output")
+
+
+def _try_load(engine, plan: "Plan", source: Path, dist: Dist) -> str | None:
+    """Load `source` on every rank; None if every rank succeeded, else what went wrong."""
+    load_dir, error = source, None
+    if plan.source_state.world_size != dist.world:
         out_root = plan.rundir / ("checkpoints/universal" if plan.resumed else "init-universal")
         if dist.is_main:
-            ckpt.to_universal(plan.source, out_root)
-        barrier()
-        load_dir = out_root / plan.source.name
-    path, _ = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {load_dir}")
-    if plan.resumed and state.world_size == dist.world:
-        ckpt.restore_rng(plan.source, dist.rank)
+            try:
+                ckpt.to_universal(source, out_root)
+            except RuntimeError as err:
+                error = str(err)
+        load_dir = out_root / source.name
+    if _any_rank_failed(error, engine.device):  # also the barrier before loading the universal copy
+        return error or "the universal conversion failed on rank 0"
+    try:
+        path, _ = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
+        if path is None:
+            error = f"DeepSpeed found nothing to load in {load_dir}"
+        elif plan.resumed and plan.source_state.world_size == dist.world:
+            ckpt.restore_rng(source, dist.rank)
+    except Exception as err:  # noqa: BLE001 -- DeepSpeed and torch.load raise anything (a bare AssertionError, ...)
+        error = f"{type(err).__name__}: {err}".splitlines()[0]
+    return (error or "another rank failed to load it") if _any_rank_failed(error, engine.device) else None
+
+
+def _any_rank_failed(error: str | None, device) -> bool:
+    flag = torch.tensor([float(error is not None)], device=device)
+    all_reduce_sum(flag)
+    return flag.item() > 0
 
 
 def set_lr(engine, lr: float) -> None:

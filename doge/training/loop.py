@@ -18,6 +18,7 @@ from deepspeed import DeepSpeedEngine
 from doge.training import checkpoint as ckpt
 from doge.training.distributed import Dist, all_reduce_sum
 from doge.training.engine import set_lr
+from doge.training.faults import pause
 from doge.training.metrics import Reporter, Throughput
 from doge.training.preflight import Plan
 
@@ -99,6 +100,7 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the update at the accumulation boundary only
             accumulate(sums, {"objective": loss.detach(), **metrics})
+            pause("step", step)  # after the first micro-batch: mid-accumulation
         means, stop = self.reduce({k: v / len(batches) for k, v in sums.items()}, bool(_stop_requested))
         norm = self.engine.get_global_grad_norm()
         means["grad_norm"] = math.nan if norm is None else float(norm)
@@ -114,6 +116,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for batch in batches:
             accumulate(sums, self.plan.objective.loss(self.engine, self.to_device(batch))[1])
+            pause("eval", self.state.step)
         self.engine.train()
         means, _ = self.reduce({k: v / len(batches) for k, v in sums.items()}, False)
         return {f"val_{k}": v for k, v in means.items()}

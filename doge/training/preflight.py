@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from doge.model.configuration import PRESETS, DogeConfig
 from doge.training import checkpoint as ckpt
+from doge.training import runlock
+from doge.training.distributed import rank_from_env
 from doge.training.ds_config import fill as fill_ds_config
 from doge.training.engine import use_bf16
 from doge.training.objective import Objective
@@ -41,6 +43,8 @@ class Plan:
     source_state: ckpt.TrainerState | None
     resumed: bool
     init_weights: Path | None = None  # HF export whose weights the fresh model starts from (--model EXPORT)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # incomplete checkpoints, to move aside
+    lock_note: str | None = None  # a stale lock taken over
 
 
 def schedule_of(recipe: Recipe) -> WSD:
@@ -64,22 +68,55 @@ def batch_geometry(recipe: Recipe, world: int) -> tuple[int, int]:
     return global_batch, global_batch // (recipe.micro_batch_size * world)
 
 
-def resolve_start(rundir: Path, recipe: Recipe) -> tuple[Path | None, ckpt.TrainerState | None]:
-    """The checkpoint to load (own `latest`, else --init-from) and its trainer state."""
-    own = ckpt.find_latest(rundir / "checkpoints")
-    if own is not None:
+def resolve_start(rundir: Path, recipe: Recipe) -> tuple[Path | None, ckpt.TrainerState | None, list]:
+    """The checkpoint to load (own newest complete one, else --init-from), its trainer state, and
+    the run's incomplete checkpoints with the reason each is skipped."""
+    complete, skipped = ckpt.scan(rundir / "checkpoints")
+    if complete:
+        own = complete[-1]
         if recipe.resume == "never":
             raise ConfigError(f"--output {rundir} already holds checkpoint {own.name} and --resume is never: "
                               "choose a new --output or drop --resume never")
-        return own, ckpt.TrainerState.read(own)
+        state = ckpt.TrainerState.read(own)
+        check_same_model(recipe, state, own)
+        return own, state, skipped
+    if skipped:
+        folder, reason = skipped[-1]
+        raise ConfigError(f"{folder} is not a complete checkpoint ({reason}) and {rundir / 'checkpoints'} holds no "
+                          "complete one to resume from: restore the file, or move the folder away to start afresh")
     init_from = recipe.init_from or (recipe.model if (Path(recipe.model) / ckpt.STATE_FILE).is_file() else None)
     if init_from:
         source = Path(init_from)
         if not (source / ckpt.STATE_FILE).is_file():
             raise ConfigError(f"--init-from {source}: not a complete checkpoint (no {ckpt.STATE_FILE}); "
                               "pass a RUNDIR/checkpoints/step-XXXXXXXX folder")
-        return source, ckpt.TrainerState.read(source)
-    return None, None
+        reason = ckpt.incomplete_reason(source)
+        if reason:
+            raise ConfigError(f"--init-from {source}: not a complete checkpoint ({reason}); pass another one")
+        return source, ckpt.TrainerState.read(source), []
+    return None, None, []
+
+
+def check_same_model(recipe: Recipe, state: ckpt.TrainerState, own: Path) -> None:
+    """A resume continues the checkpoint's weights: a --model or model_overrides that differs from
+    the one the run was started with is refused, not silently replaced by the checkpoint's."""
+    trained = (state.recipe.get("model"), state.recipe.get("model_overrides") or {})
+    if "model" in state.recipe and trained != (recipe.model, recipe.model_overrides or {}):
+        raise ConfigError(f"--model {recipe.model} (model_overrides {recipe.model_overrides or {}}) differs from "
+                          f"checkpoint {own}, trained as --model {trained[0]} (model_overrides {trained[1]}): "
+                          "resume with the run's own --model/recipe, or choose a new --output (--init-from "
+                          f"{own} starts a new run from these weights)")
+
+
+def check_zero_stage(path: str, ds_config: dict, source: Path) -> None:
+    """DeepSpeed cannot load a ZeRO-3 checkpoint (per-rank model states) into stage 0-2 or back."""
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    partitioned = any(source.glob("zero_pp_rank_*_model_states.pt"))
+    if (stage == 3) != partitioned:
+        raise ConfigError(f"--deepspeed {path} uses ZeRO stage {stage} but checkpoint {source} was written with "
+                          f"ZeRO stage {'3' if partitioned else '1 or 2'}: use a ZeRO-"
+                          f"{'3' if partitioned else '2'} config (e.g. ds_configs/{'zero3' if partitioned else 'zero2'}"
+                          ".json)")
 
 
 def export_folder(recipe: Recipe) -> Path | None:
@@ -121,10 +158,15 @@ def deepspeed_config(path: str, recipe: Recipe, global_batch: int, grad_accum: i
 
 def preflight(args: argparse.Namespace, recipe: Recipe, objective_cls: type[Objective], world: int) -> Plan:
     rundir = Path(args.output)
+    main_rank = rank_from_env() == 0  # rank 0 holds the RUNDIR lock for the job
+    if main_rank:
+        runlock.check(rundir)
     global_batch, grad_accum = batch_geometry(recipe, world)
     bf16 = use_bf16(recipe.precision)
     ds_config = deepspeed_config(args.deepspeed, recipe, global_batch, grad_accum, world, bf16)
-    source, source_state = resolve_start(rundir, recipe)
+    source, source_state, skipped = resolve_start(rundir, recipe)
+    if source is not None:
+        check_zero_stage(args.deepspeed, ds_config, source)
     resumed = source is not None and source.parent == rundir / "checkpoints"
     config = model_config(recipe, source_state)
     objective = objective_cls.open(args.data, recipe, config, source_state, resumed)
@@ -134,5 +176,6 @@ def preflight(args: argparse.Namespace, recipe: Recipe, objective_cls: type[Obje
     if source is not None and source_state.world_size != world:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     return Plan(recipe, rundir, world, config, objective, schedule, global_batch, grad_accum, ds_config, bf16,
-                source, source_state, resumed, None if source else export_folder(recipe))
+                source, source_state, resumed, None if source else export_folder(recipe), skipped,
+                runlock.acquire(rundir) if main_rank else None)
 
