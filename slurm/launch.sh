@@ -13,7 +13,7 @@
 # every rank a child of a launcher that turns a stop signal into a save. The batch shell traps
 # SIGUSR1 (sbatch --signal=B:USR1@SECS before the time limit, or `scancel --batch --signal=USR1`)
 # and SIGTERM, forwards the signal to the step, waits for it, and then reads RUN_DIR/status.json:
-#   finished                     -> exit 0
+#   finished                     -> exit 0 (even if a late signal disturbed the shutdown after it)
 #   stopped after SIGUSR1        -> scontrol requeue (while restarts < MAX_RESTARTS); the next run
 #                                   resumes from RUN_DIR/checkpoints/latest
 #   stopped after SIGTERM        -> no requeue here (scancel stops a run; preemption and
@@ -83,8 +83,8 @@ field() {  # field NAME: from RUN_DIR/status.json, written by the trainer
         "$RUN_DIR/status.json" "$1" 2>/dev/null
 }
 state=$(field state); reason=$(field reason); at=$(field step)
-if (( rc == 0 )) && [[ $state == finished ]]; then
-    say "finished at step $at"; exit 0
+if [[ $state == finished ]]; then  # written after the export: done, even if a late signal hit the shutdown
+    say "finished at step $at$( ((rc == 0)) || echo " (step exit $rc after the trainer finished)")"; exit 0
 fi
 if (( rc == 0 )) && [[ $state == stopped ]]; then
     if [[ $got != USR1 ]]; then

@@ -135,7 +135,13 @@ class Cluster:
         return out.count("idle")
 
     def stop(self) -> None:
-        """SIGTERM each daemon by PID (slurmd first), then SIGKILL what is left after 20 s."""
+        """Cancel every job, SIGTERM each daemon by PID (slurmd first, SIGKILL after 20 s), then
+        SIGKILL any job process they left (slurmstepd outlives slurmd): found by this cluster's SLURM_CONF."""
+        self.run(["scancel", "--full", f"--user={os.getuid()}"], check=False)
+        try:
+            wait(lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(), 30, "jobs to end", poll=1.0)
+        except AssertionError:
+            pass
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -145,6 +151,24 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for pid in self.leftovers():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def leftovers(self) -> list[int]:
+        """PIDs of live processes started with this cluster's SLURM_CONF (slurmstepd and the jobs)."""
+        tag = f"SLURM_CONF={self.env['SLURM_CONF']}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if tag in (entry / "environ").read_bytes().split(b"\0"):
+                        found.append(int(entry.name))
+                except OSError:
+                    pass
+        return found
 
     def run(self, cmd: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         done = subprocess.run(cmd, env=kwargs.pop("env", self.env), capture_output=True, text=True, **kwargs)
@@ -157,7 +181,7 @@ class Cluster:
         return int(done.stdout.strip().split(";")[0])
 
     def job(self, job_id: int | str) -> dict[str, str]:
-        """`scontrol show job` as a dict (JobState, RestartCnt, ExitCode, NodeList, ...)."""
+        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, NodeList, ...)."""
         out = self.run(["scontrol", "show", "job", "-o", str(job_id)]).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 

@@ -16,7 +16,8 @@ import train_harness as h
 
 pytestmark = pytest.mark.slow
 
-EXTRA = " ".join(h.TINY[2:])  # the tiny 24-step run; the recipe goes in RECIPE
+STEPS = 72  # long enough that a 2-minute time limit ends it mid-run
+EXTRA = " ".join(h.TINY[2:]) + f" --max-steps {STEPS}"  # the tiny run (recipe in RECIPE); decay after step 64
 TINY_RECIPE = "recipes/doge-tiny.yaml"
 
 
@@ -69,29 +70,31 @@ def reference_job(cluster):
 def test_two_nodes_train_as_one_job_and_export(reference_job):
     job, info = reference_job
     text = log_of("two-nodes")
-    assert info["JobState"] == "COMPLETED" and info["RestartCnt"] == "0", text[-3000:]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", text[-3000:]
     assert "doge-slurm: node 0 is node1" in text and "doge-slurm: node 1 is node2" in text
     assert text.count("fresh start at step 0") == 1 and "world 2," in text, "one process group of 2 ranks"
-    assert sorted(h.train_lines(h.BASE / "two-nodes")) == list(range(1, 25))
+    assert sorted(h.train_lines(h.BASE / "two-nodes")) == list(range(1, STEPS + 1))
     assert (h.BASE / "two-nodes" / "final" / "model.safetensors").is_file()
-    assert "finished at step 24" in last_line("two-nodes")
+    assert f"finished at step {STEPS}" in last_line("two-nodes")
 
 
+@pytest.mark.timeout(1800)
 def test_time_limit_saves_requeues_resumes_bit_identical(cluster, reference_job):
-    """1-minute limit, warning 30 s before it: every run saves on the warning and requeues itself."""
+    """2-minute limit, warning 60 s before it (SLURM sends it up to 30 s earlier still): every run
+    saves on the warning and requeues itself until the run is done."""
     name = "time-limit"
     started = time.time()
-    job = submit(cluster, "slurm/pretrain_20m.sh", name, "--time=1", "--signal=B:USR1@30",
+    job = submit(cluster, "slurm/pretrain_20m.sh", name, "--time=2", "--signal=B:USR1@60",
                  DATA=str(h.prepared()), MAX_RESTARTS="30")
-    info = cluster.wait_done(job, 900)
-    print(f"time-limit job: {time.time() - started:.0f} s, {info['RestartCnt']} requeues")
+    info = cluster.wait_done(job, 1500)
+    print(f"time-limit job: {time.time() - started:.0f} s, {info['Restarts']} requeues")
     text = log_of(name)
-    assert info["JobState"] == "COMPLETED" and int(info["RestartCnt"]) >= 1, text[-3000:]
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, text[-3000:]
     assert "DUE TO TIME LIMIT" not in text, "the time limit killed a run before it saved"
-    warnings = len(re.findall(r"doge-slurm \[.*\] SIGUSR1: asking every rank", text))
-    assert text.count("(stop signal)") == warnings >= int(info["RestartCnt"]), "a save after every warning"
-    assert text.count("resumed from") == int(info["RestartCnt"]) == runs_in_log(name) - 1
-    assert "finished at step 24" in last_line(name)
+    # a save after every warning that came before the training ended (the last run's may come later)
+    assert text.count("(stop signal)") == text.count("requeueing (restart") == int(info["Restarts"])
+    assert text.count("resumed from") == int(info["Restarts"]) == runs_in_log(name) - 1
+    assert f"finished at step {STEPS}" in last_line(name)
     h.assert_bit_identical(h.final_weights(h.BASE / name), h.final_weights(h.BASE / "two-nodes"))
 
 
@@ -102,8 +105,8 @@ def test_requeue_from_outside_resumes_bit_identical(cluster, reference_job):
     cluster.run(["scontrol", "requeue", str(job)])
     info = cluster.wait_done(job, 600)
     text = log_of(name)
-    assert info["JobState"] == "COMPLETED" and info["RestartCnt"] == "1", text[-3000:]
-    assert "resumed from" in text and "finished at step 24" in last_line(name)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
+    assert "resumed from" in text and f"finished at step {STEPS}" in last_line(name)
     h.assert_bit_identical(h.final_weights(h.BASE / name), h.final_weights(h.BASE / "two-nodes"))
 
 
@@ -116,7 +119,7 @@ def test_real_errors_end_with_the_reason_and_never_requeue(cluster):
     for name, job in jobs.items():
         info = cluster.wait_done(job, 300)
         text = log_of(name)
-        assert info["JobState"] == "FAILED" and info["RestartCnt"] == "0" and info["ExitCode"] == "2:0", text[-3000:]
+        assert info["JobState"] == "FAILED" and info["Restarts"] == "0" and info["ExitCode"] == "2:0", text[-3000:]
         assert "error: " in text and "Traceback" not in text
         assert re.search(r"failed \(exit 2\): .+; not requeued$", last_line(name)), last_line(name)
     assert "no-such-data" in log_of("missing-data") and "warmup" in log_of("bad-recipe")
@@ -135,7 +138,7 @@ def test_restarts_stop_at_the_maximum(cluster):
         cluster.run(["scancel", "--batch", "--signal=USR1", str(job)])
     info = cluster.wait_done(job, 300)
     text = log_of(name)
-    assert info["RestartCnt"] == "2" and info["JobState"] == "FAILED", text[-3000:]
+    assert info["Restarts"] == "2" and info["JobState"] == "FAILED", text[-3000:]
     assert "MAX_RESTARTS=2" in last_line(name) and "not requeued" in last_line(name)
     assert runs_in_log(name) == 3
 
