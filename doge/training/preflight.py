@@ -161,6 +161,7 @@ def preflight(args: argparse.Namespace, recipe: Recipe, objective_cls: type[Obje
     main_rank = rank_from_env() == 0  # rank 0 holds the RUNDIR lock for the job
     if main_rank:
         runlock.check(rundir)
+    schedule = schedule_of(recipe) if recipe.epochs is None else None  # else max_steps follows from the data
     global_batch, grad_accum = batch_geometry(recipe, world)
     bf16 = use_bf16(recipe.precision)
     ds_config = deepspeed_config(args.deepspeed, recipe, global_batch, grad_accum, world, bf16)
@@ -172,7 +173,7 @@ def preflight(args: argparse.Namespace, recipe: Recipe, objective_cls: type[Obje
     objective = objective_cls.open(args.data, recipe, config, source_state, resumed)
     if recipe.epochs is not None:
         recipe.max_steps = max(1, math.ceil(recipe.epochs * objective.samples_per_epoch() / global_batch))
-    schedule = schedule_of(recipe)
+        schedule = schedule_of(recipe)
     if source is not None and source_state.world_size != world:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     return Plan(recipe, rundir, world, config, objective, schedule, global_batch, grad_accum, ds_config, bf16,
