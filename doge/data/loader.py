@@ -75,18 +75,23 @@ class SplitSource:
         return tokens.astype(np.int64)
 
 
-class PretrainData:
+class _Split:
+    """What both splits carry: their sources and the data's identity (built by `open_pretrain_data`)."""
+
+    def __init__(self, sources: list[SplitSource], info: dict):
+        self.sources = sources
+        self.seq_len, self.vocab_size = info["seq_len"], info["vocab_size"]
+        self.tokenizer_fingerprint, self.tokenizer_dir = info["tokenizer_fingerprint"], info["tokenizer_dir"]
+        self.fingerprint = info["fingerprint"]
+
+
+class PretrainData(_Split):
     """The infinite, shuffled, mixed training order (see module docstring)."""
 
     def __init__(self, sources: list[SplitSource], weights: list, seed: int, info: dict):
-        self.sources, self.seed = sources, seed
+        super().__init__(sources, info)
+        self.seed, self.weights = seed, weights
         self.schedule = Schedule(integer_weights(weights))
-        self.weights = weights
-        self.seq_len = info["seq_len"]
-        self.tokenizer_fingerprint = info["tokenizer_fingerprint"]
-        self.vocab_size = info["vocab_size"]
-        self.tokenizer_dir = info["tokenizer_dir"]
-        self.fingerprint = info["fingerprint"]
         for source in sources:
             if source.samples == 0:
                 raise DataError(f"{source.datadir}: train split has no full row of {source.row_len} tokens; "
@@ -145,16 +150,11 @@ class PretrainData:
         return f"{len(self.sources)} source(s), seq_len {self.seq_len}, seed {self.seed}: " + "; ".join(parts)
 
 
-class ValData:
+class ValData(_Split):
     """The held-out rows of every source, in stored order (finite, unshuffled; may be empty)."""
 
     def __init__(self, sources: list[SplitSource], info: dict):
-        self.sources = sources
-        self.seq_len = info["seq_len"]
-        self.tokenizer_fingerprint = info["tokenizer_fingerprint"]
-        self.vocab_size = info["vocab_size"]
-        self.tokenizer_dir = info["tokenizer_dir"]
-        self.fingerprint = info["fingerprint"]
+        super().__init__(sources, info)
         self.starts = np.concatenate([[0], np.cumsum([s.samples for s in sources])]).astype(np.int64)
         if self.starts[-1] == 0:  # allowed (a run may skip validation), but worth a line in the log
             names = ", ".join(str(s.datadir) for s in sources)
