@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.16",
+        "deepspeed>=0.19.8,<0.20",  # expert parallelism relies on 0.19's MoE grouping, reduction and norm rules
         "transformers>=5.18,<6",
         "datasets>=3.0",
         "sentencepiece>=0.2",

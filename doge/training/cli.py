@@ -59,7 +59,7 @@ def start(plan: Plan, dist: Dist) -> Trainer:
             print(note, flush=True)
     barrier()
     engine = build_engine(plan.model_config, plan.ds_config, plan.recipe.weight_decay, plan.recipe.seed,
-                          plan.init_weights)
+                          plan.init_weights, plan.recipe.expert_parallel_size)
     if plan.source is not None:
         loaded = load_start(engine, plan, dist)
         plan.source, plan.source_state = loaded, ckpt.TrainerState.read(loaded)

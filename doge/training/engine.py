@@ -36,17 +36,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def build_engine(config: DogeConfig, ds_config: dict, weight_decay: float, seed: int, weights: Path | None = None):
+def build_engine(config: DogeConfig, ds_config: dict, weight_decay: float, seed: int, weights: Path | None = None,
+                 expert_parallel_size: int = 1):
     """A freshly initialised model (seeded), or one holding the HF export `weights`, wrapped in a
-    DeepSpeed engine with a fresh optimizer."""
+    DeepSpeed engine with a fresh optimizer; CDMoE expert tables sharded over `expert_parallel_size`
+    ranks (the full model is built on every rank first, so every shard starts as its rows of it)."""
     import deepspeed
+
+    from doge.training import expert_parallel
 
     torch.manual_seed(seed)
     model = DogeForCausalLM(config)
     if weights is not None:
         load_export_weights(model, weights)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
-                                      config=ds_config)
+    expert_parallel.apply(model, expert_parallel_size)
+    groups = expert_parallel.optimizer_groups(param_groups(model, weight_decay))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     return engine
 
 

@@ -6,7 +6,8 @@ built) x the Switch-style load-balancing loss over every CDMoE layer, which is w
 tokens over the experts (the model adds it to its loss when asked for router logits); logged with
 two router statistics per micro-batch (mean over layers): `experts_used`, the fraction of experts
 that got at least one token, and `max_load`, the busiest expert's token count over the mean count
-(1.0 = perfectly balanced).
+(1.0 = perfectly balanced). With expert parallelism the counts are summed over the expert group
+first, so both describe the load the group's shards actually carry.
 """
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ from doge.model.cdmoe import product_key_topk
 
 
 @torch.no_grad()
-def router_statistics(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> dict:
+def router_statistics(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
+                      group=None) -> dict:
+    """`group`: the expert group whose token counts are added up (None: this micro-batch alone)."""
     used, max_load = [], []
     for logits in router_logits:
         num_keys = logits.shape[-1] // 2
         _, experts = product_key_topk(logits.float(), num_keys, top_k)
         counts = torch.bincount(experts.reshape(-1), minlength=num_experts).float()
+        if group is not None:
+            torch.distributed.all_reduce(counts, group=group)
         used.append((counts > 0).float().mean())
         max_load.append(counts.max() / counts.mean())
     return {"experts_used": torch.stack(used).mean(), "max_load": torch.stack(max_load).mean()}
@@ -30,11 +35,13 @@ def router_statistics(router_logits: tuple[torch.Tensor, ...], num_experts: int,
 def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor):
     """(loss to back-propagate, metrics); `labels` -100 marks positions without a target. The
     reported `loss` is the language-modelling part alone, comparable across dense and CDMoE runs."""
-    config = getattr(model, "module", model).config
+    net = getattr(model, "module", model)
+    config = net.config
     out = model(input_ids=input_ids, labels=labels, skip_logits=True, output_router_logits=config.is_moe)
     if not config.is_moe:
         return out.loss, {"loss": out.loss.detach()}
     aux = out.aux_loss.detach()
     metrics = {"loss": out.loss.detach() - config.router_aux_loss_coef * aux, "aux_loss": aux,
-               **router_statistics(out.router_logits, config.num_experts, config.num_experts_per_tok)}
+               **router_statistics(out.router_logits, config.num_experts, config.num_experts_per_tok,
+                                   next((m.ep_group for m in net.modules() if hasattr(m, "ep_group")), None))}
     return out.loss, metrics

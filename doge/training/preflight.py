@@ -21,7 +21,7 @@ from doge.training.distributed import rank_from_env
 from doge.training.ds_config import fill as fill_ds_config
 from doge.training.engine import use_bf16
 from doge.training.objective import Objective
-from doge.training.recipe import ConfigError, Recipe
+from doge.training.recipe import ConfigError, Recipe, flag
 from doge.training.schedule import WSD
 
 
@@ -119,6 +119,34 @@ def check_zero_stage(path: str, ds_config: dict, source: Path) -> None:
                           ".json)")
 
 
+def check_expert_parallel(recipe: Recipe, path: str, ds_config: dict, config: DogeConfig, world: int,
+                          source_state: ckpt.TrainerState | None) -> None:
+    """E > 1 shards each CDMoE layer's expert tables over E ranks (doge.training.expert_parallel): it
+    needs CDMoE layers with a multiple of E experts, E dividing the world size, and ZeRO-1/2 without
+    offload (ZeRO-3 refuses DeepSpeed's MoE modules; ZeRO-0 and offload do not reduce expert
+    gradients over their group). Sharded checkpoints load only at the same world size and E, and the
+    HF export does not gather shards yet."""
+    ep, name = recipe.expert_parallel_size, flag("expert_parallel_size")
+    if ep == 1:
+        return
+    zero = ds_config.get("zero_optimization", {})
+    offload = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
+    problems = [(world % ep, f"does not divide the world size {world}: choose a divisor of {world}"),
+                (not config.is_moe, "needs a CDMoE model (model_overrides {is_moe: true}); dense models have no "
+                                    "experts to shard"),
+                (config.is_moe and config.num_experts % ep, f"does not divide num_experts={config.num_experts}"),
+                (zero.get("stage", 0) not in (1, 2) or offload,
+                 f"works with ZeRO-1 or ZeRO-2 without offload (ds_configs/zero1.json, ds_configs/zero2.json); "
+                 f"--deepspeed {path} has stage {zero.get('stage', 0)}{' with offload' if offload else ''}"),
+                (recipe.export, "cannot write the HF export of sharded expert tables yet: add --export false"),
+                (source_state is not None and (source_state.world_size, source_state.recipe.get(
+                    "expert_parallel_size", 1)) != (world, ep),
+                 "loads only checkpoints of the same world size and expert-parallel size")]
+    for failed, why in problems:
+        if failed:
+            raise ConfigError(f"{name} = {ep} {why} (or use --expert-parallel-size 1)")
+
+
 def export_folder(recipe: Recipe) -> Path | None:
     """`--model` given as an HF export (config.json + model.safetensors), else None."""
     folder = Path(recipe.model)
@@ -170,6 +198,7 @@ def preflight(args: argparse.Namespace, recipe: Recipe, objective_cls: type[Obje
         check_zero_stage(args.deepspeed, ds_config, source)
     resumed = source is not None and source.parent == rundir / "checkpoints"
     config = model_config(recipe, source_state)
+    check_expert_parallel(recipe, args.deepspeed, ds_config, config, world, source_state)
     objective = objective_cls.open(args.data, recipe, config, source_state, resumed)
     if recipe.epochs is not None:
         recipe.max_steps = max(1, math.ceil(recipe.epochs * objective.samples_per_epoch() / global_batch))

@@ -64,6 +64,8 @@ class Recipe:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = off)", low=0.0)
     precision: str = _f("auto", "bf16, fp32, or auto (bf16 on GPUs that support it; fp32 on CPU, where bf16 "
                                 "measured ~6x slower)", choices=PRECISIONS)
+    expert_parallel_size: int = _f(1, "ranks that share each CDMoE layer's expert tables, each holding 1/E of the "
+                                      "rows (E divides the world size; ZeRO-1/2 without offload)", low=1)
     aux_loss_weight: float = _f(0.001, "weight of the CDMoE load-balancing loss added to the training loss "
                                        "(CDMoE models only)", low=0.0)
     seed: int = _f(0, "seed for weights init and the data order", low=0)

@@ -1,0 +1,104 @@
+"""One rank of an expert-parallel training run for the tests: a tiny CDMoE model sharded with
+`expert_parallel.apply`, trained by a DeepSpeed ZeRO-1/2 engine for a few steps on fixed random
+batches (rank r takes rows r*micro .. of each global batch); rank 0 writes the full weights, both
+Adam moments (shards gathered, keys as in the unsharded model), the grad norms and the router
+statistics to a file the test compares with a single-process run.
+
+usage: torchrun --nproc_per_node W tests/ep_worker.py STAGE EP_SIZE OUT
+"""
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from conftest import tiny_config
+
+from doge import DogeForCausalLM
+from doge.training import expert_parallel
+from doge.training.engine import param_groups
+from doge.training.lm_loss import causal_lm_loss
+
+MOE = dict(is_moe=True, num_experts=64, num_experts_per_tok=4, router_aux_loss_coef=0.01)
+STEPS, MICRO, SEQ, LR, WD, CLIP = 5, 2, 16, 1e-3, 0.1, 0.5
+# Adam's m / (sqrt(v) + eps) turns fp32 reduction-order noise in near-zero gradients into
+# update-sized differences when sqrt(v) << eps; this eps keeps such elements comparable at 1e-5.
+EPS = 1e-6
+
+
+def batches(world: int) -> torch.Tensor:
+    """(STEPS, world * MICRO, SEQ) token ids, the same on every rank and in the reference."""
+    return torch.randint(0, 256, (STEPS, world * MICRO, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def fresh_model() -> DogeForCausalLM:
+    torch.manual_seed(0)
+    return DogeForCausalLM(tiny_config(**MOE))
+
+
+def ds_config(stage: int, world: int) -> dict:
+    return {"train_batch_size": MICRO * world, "train_micro_batch_size_per_gpu": MICRO,
+            "gradient_accumulation_steps": 1, "gradient_clipping": CLIP, "bf16": {"enabled": False},
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": EPS,
+                                                      "weight_decay": WD, "torch_adam": True}},
+            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+
+
+def full_tensors(model, names: dict, tensors: dict, group) -> dict:
+    """Expert shards gathered over the expert group (rows in group-rank order), keys unsharded."""
+    out = {}
+    for param, value in tensors.items():
+        name = names[param]
+        if ".deepspeed_moe." in name:
+            parts = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, value.contiguous(), group=group)
+            value = torch.cat(parts)
+            name = name.replace("deepspeed_moe.experts.deepspeed_experts.0.", "")
+        out[name] = value.detach().clone()
+    return out
+
+
+def adam_moments(optimizer, key: str) -> dict:
+    """param -> its `key` moment, from ZeRO-1/2's flat fp32 partitions (gathered over each group's
+    data-parallel group, then cut at the parameters' offsets in the flat buffer)."""
+    out = {}
+    for i, params in enumerate(optimizer.round_robin_bit16_groups):
+        part = optimizer.optimizer.state[optimizer.single_partition_of_fp32_groups[i]][key]
+        group = optimizer.real_dp_process_group[i]
+        pieces = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(pieces, part, group=group)
+        flat, offset = torch.cat(pieces), 0
+        for p in params:
+            out[p] = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+    return out
+
+
+def main(stage: int, ep_size: int, out: str) -> None:
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = fresh_model()
+    group = expert_parallel.apply(model, ep_size)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config(stage, world),
+                                      model_parameters=expert_parallel.optimizer_groups(param_groups(model, WD)))
+    norms, stats = [], []
+    for ids in batches(world):
+        mine = ids[rank * MICRO:(rank + 1) * MICRO]
+        loss, metrics = causal_lm_loss(engine, mine, mine)
+        engine.backward(loss)
+        engine.step()
+        norms.append(float(engine.get_global_grad_norm()))
+        stats.append({k: float(metrics[k]) for k in ("experts_used", "max_load")})
+    names = {p: n for n, p in model.named_parameters()}
+    result = {"norms": norms, "stats": stats,
+              "weights": full_tensors(model, names, {p: p.data for p in model.parameters()}, group)}
+    for key in ("exp_avg", "exp_avg_sq"):
+        result[key] = full_tensors(model, names, adam_moments(engine.optimizer, key), group)
+    if rank == 0:
+        torch.save(result, out)
+    engine.destroy()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
