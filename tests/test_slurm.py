@@ -16,7 +16,7 @@ import train_harness as h
 
 pytestmark = pytest.mark.slow
 
-STEPS = 144  # long enough that a 3-minute time limit ends it mid-run (~90 s on an idle 2-core machine)
+STEPS = 144  # ~90 s on an idle 2-core machine
 EXTRA = " ".join(h.TINY[2:]) + f" --max-steps {STEPS}"  # the tiny run (recipe in RECIPE); decay after step 136
 TINY_RECIPE = "recipes/doge-tiny.yaml"
 
@@ -81,13 +81,15 @@ def test_two_nodes_train_as_one_job_and_export(reference_job):
 
 @pytest.mark.timeout(1800)
 def test_time_limit_saves_requeues_resumes_bit_identical(cluster, reference_job):
-    """3-minute limit, warning 90 s before it (SLURM sent it 20-30 s earlier still here, so ~65 s
-    after the start: past the ranks' start-up): every run saves on the warning and requeues itself
-    until the run is done."""
+    """3-minute limit, warning 40 s before it: slurmctld checks limits every 30 s and sends it up to 30 s
+    early, so 110-140 s after the start, well past the ranks' start-up (25-35 s at load 5 on 2 cores).
+    Steps of at least 1.25 s (DOGE_FAULT_STEP_SECONDS: a sleep, numbers unchanged) make 180+ s of
+    training, longer than any run until its warning however fast the machine: every run saves on the
+    warning and requeues itself until the run is done (2-3 runs, ~5 minutes)."""
     name = "time-limit"
     started = time.time()
-    job = submit(cluster, "slurm/pretrain_20m.sh", name, "--time=3", "--signal=B:USR1@90",
-                 DATA=str(h.prepared()), MAX_RESTARTS="30")
+    job = submit(cluster, "slurm/pretrain_20m.sh", name, "--time=3", "--signal=B:USR1@40",
+                 DATA=str(h.prepared()), MAX_RESTARTS="30", DOGE_FAULT_STEP_SECONDS="1.25")
     info = cluster.wait_done(job, 1500)
     print(f"time-limit job: {time.time() - started:.0f} s, {info['Restarts']} requeues")
     text = log_of(name)

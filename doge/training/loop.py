@@ -18,7 +18,7 @@ from deepspeed import DeepSpeedEngine
 from doge.training import checkpoint as ckpt
 from doge.training.distributed import Dist, all_reduce_sum
 from doge.training.engine import set_lr
-from doge.training.faults import pause
+from doge.training.faults import pace, pause
 from doge.training.metrics import Reporter, Throughput
 from doge.training.preflight import Plan
 
@@ -162,6 +162,7 @@ class Trainer:
         tokens_per_step = plan.global_batch * recipe.seq_len
         interval, stopped = Interval(), False
         while state.step < recipe.max_steps and not stopped:
+            pace()  # a no-op unless a test sets DOGE_FAULT_STEP_SECONDS
             lr = plan.schedule(state.step)
             set_lr(self.engine, lr)
             metrics, stopped = self.train_step()
