@@ -8,6 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["doge", "doge.*"]),
+    package_data={"doge": ["eval_tasks/*.yaml", "eval_tasks/*.py", "eval_tasks/_mmlu_template_yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -24,5 +25,9 @@ setup(
         "matplotlib>=3.5",
         "psutil>=5.9",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "trl>=1.16"]},  # trl: DPO loss test
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "trl>=1.16",  # trl: DPO loss test
+                "lm-eval>=0.4.13,<0.5"],
+        "eval": ["lm-eval>=0.4.13,<0.5"],  # python -m doge.evaluate (tested with 0.4.13)
+    },
 )
