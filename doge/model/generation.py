@@ -13,33 +13,49 @@ the step. On CUDA that step is captured once as a CUDA graph and replayed per to
 costs one graph launch instead of hundreds of kernel launches from Python (decoding a small model
 on a GPU is launch-bound). `Decoder(model, static="auto")` does this on CUDA; `static=True` runs
 the same step without a graph anywhere (how CPU tests check it gives the same tokens).
+
+`Decoder(model, weights="fp16" | "int8")` keeps the dense linear weights and the LM head in fewer
+bytes for CPU decoding (`doge.model.lowbit`): batch-1 decoding reads every weight once per token.
+Weights are fused and packed when the Decoder is built; build a new one after changing the model.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from doge.model.dma import dma_attention, dynamic_bias
+from doge.model.lowbit import packed_linear
 from doge.model.modeling import DogeForCausalLM
 from doge.model.rope import apply_rotary
 
 
-class _Layer:
-    """Fused weights and cache buffers of one decoder layer."""
+class _Weights:
+    """Fused (and, for weights other than fp32, packed) linear weights of one decoder layer."""
 
-    def __init__(self, layer, batch: int, capacity: int, dtype, device):
+    def __init__(self, layer, weights: str):
         attn, mlp = layer.self_attn, layer.mlp
         self.layer, self.attn = layer, attn
-        self.qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(dtype)
+        self.qkv = packed_linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), weights)
         self.splits = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
-        self.gate_up = None if hasattr(mlp, "router_gate") else \
-            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype)
+        self.o_proj = packed_linear(attn.o_proj.weight, weights)
+        dense = not hasattr(mlp, "router_gate")
+        self.gate_up = packed_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), weights) if dense else None
+        self.down = packed_linear(mlp.down_proj.weight, weights) if dense else None
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj] + \
+            ([mlp.gate_proj, mlp.up_proj, mlp.down_proj] if dense else [])
+        if any(linear.bias is not None for linear in linears):
+            raise NotImplementedError("Decoder supports attention_bias=False and mlp_bias=False (every Doge preset)")
+
+
+class _Layer:
+    """A layer's weights and its cache buffers for one generation."""
+
+    def __init__(self, weights: _Weights, batch: int, capacity: int, dtype, device):
+        self.weights, self.layer, self.attn = weights, weights.layer, weights.attn
+        attn = weights.attn
         kv_heads = attn.k_proj.out_features // attn.head_dim
         self.keys = torch.zeros(batch, kv_heads, capacity, attn.head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.bias = torch.zeros(batch, kv_heads, capacity, dtype=dtype, device=device)
-        if any(p is not None for p in (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)):
-            raise NotImplementedError("Decoder supports attention_bias=False (every Doge preset)")
 
 
 EOS_CHECK_EVERY = 16  # static decoding reads the tokens back (a device sync) this often to stop at EOS
@@ -50,15 +66,19 @@ class Decoder:
 
     static: "auto" (static step + CUDA graph for greedy decoding on CUDA when it fits the window),
     True (static step wherever it fits, no graph off CUDA) or False (always the eager step).
+    weights: "fp32" (as the model holds them), "fp16" or "int8" (CPU, float32 model; see lowbit).
     """
 
-    def __init__(self, model: DogeForCausalLM, static: bool | str = "auto"):
+    def __init__(self, model: DogeForCausalLM, static: bool | str = "auto", weights: str = "fp32"):
         if static not in (True, False, "auto"):
             raise ValueError(f"static={static!r}: choose True, False or 'auto'")
         self.model = model.eval()
         self.config = model.config
         self.dtype = model.dtype
         self.static = static
+        with torch.no_grad():
+            self.layer_weights = [_Weights(layer, weights) for layer in model.model.layers]
+            self.lm_head = packed_linear(model.lm_head.weight, weights)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -86,10 +106,19 @@ class Decoder:
         layers, logits = self._prefill(input_ids, capacity)
         yield from self._tokens(layers, logits, input_ids.shape[1], capacity, temperature, eos_token_id, generator)
 
+    @torch.inference_mode()
+    def forced_logits(self, input_ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """(B, L - prompt_len + 1, V) float32 logits of the decode steps along given ids (teacher
+        forcing): how reduced-precision weights are compared with fp32 on the same path."""
+        layers, logits = self._prefill(input_ids[:, :prompt_len], input_ids.shape[1])
+        steps = [logits] + [self._step(layers, input_ids[:, pos: pos + 1], pos)
+                            for pos in range(prompt_len, input_ids.shape[1])]
+        return torch.stack(steps, dim=1).float()
+
     def _prefill(self, input_ids: torch.Tensor, capacity: int):
         """Cache buffers for `capacity` positions, filled with the prompt; the last prompt logits."""
-        layers = [_Layer(layer, input_ids.shape[0], capacity, self.dtype, input_ids.device)
-                  for layer in self.model.model.layers]
+        layers = [_Layer(weights, input_ids.shape[0], capacity, self.dtype, input_ids.device)
+                  for weights in self.layer_weights]
         return layers, self._step(layers, input_ids, 0)
 
     def _tokens(self, layers, logits, prompt_len: int, capacity: int, temperature, eos_token_id, generator):
@@ -123,7 +152,7 @@ class Decoder:
         h = self.model.model.embed_tokens(ids)
         for state in layers:
             h = self._layer(state, h, cos, sin, at, key_mask)
-        return self.model.lm_head(self.model.model.norm(h[:, -1]))
+        return self.lm_head(self.model.model.norm(h[:, -1]))
 
     def _use_static(self, capacity: int, device) -> bool:
         """The static step needs every position inside the window and a rope table that does not
@@ -168,9 +197,9 @@ class Decoder:
     def _layer(state: _Layer, h, cos, sin, at, key_mask):
         """One decoder layer on new positions `at`: a slice (eager: attend to the cache up to its
         end) or a (1,) position tensor (static: attend to the whole cache under `key_mask`)."""
-        layer, attn = state.layer, state.attn
+        layer, attn, w = state.layer, state.attn, state.weights
         batch, length, _ = h.shape
-        q, k, v = F.linear(layer.input_layernorm(h), state.qkv).split(state.splits, dim=-1)
+        q, k, v = w.qkv(layer.input_layernorm(h)).split(w.splits, dim=-1)
         q = attn.q_norm(q.view(batch, length, -1, attn.head_dim)).transpose(1, 2)
         k = attn.k_norm(k.view(batch, length, -1, attn.head_dim)).transpose(1, 2)
         v = v.view(batch, length, -1, attn.head_dim).transpose(1, 2)
@@ -180,13 +209,13 @@ class Decoder:
         bias = _write(state.bias, dynamic_bias(v, attn.dt_proj, attn.A), at)
         a = dma_attention(q, keys, values, bias, scaling=attn.scaling, keep_window=attn.keep_window_size,
                           key_mask=key_mask)
-        h = torch.addcmul(attn.o_proj(a.transpose(1, 2).reshape(batch, length, -1)), layer.input_residual, h)
+        h = torch.addcmul(w.o_proj(a.transpose(1, 2).reshape(batch, length, -1)), layer.input_residual, h)
         x = layer.post_attention_layernorm(h)
-        if state.gate_up is None:
+        if w.gate_up is None:
             mlp_out = layer.mlp(x)[0]
         else:
-            gate, up = F.linear(x, state.gate_up).chunk(2, dim=-1)
-            mlp_out = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            gate, up = w.gate_up(x).chunk(2, dim=-1)
+            mlp_out = w.down(layer.mlp.act_fn(gate) * up)
         return torch.addcmul(mlp_out, layer.post_attention_residual, h)
 
 
