@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="score only the first N items of each task (MMLU: of each subject)")
     p.add_argument("--output", help="results folder (default: EXPORT/../eval)")
     p.add_argument("--data", help="folder of the local evaluation files (default: $DOGE_EVAL_DATA, else "
-                   "../shared/data/eval beside the repository)")
+                   "shared/data/eval beside the checkout)")
     p.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size")
     return p.parse_args(argv)
 
@@ -92,7 +92,11 @@ def main(argv=None) -> int:
         print(f"error: --model {args.model}: not an export folder (no config.json)", file=sys.stderr)
         return 2
     out = Path(args.output or Path(args.model).resolve().parent / "eval")
-    results = evaluate(args.model, args.tasks.split(","), args.num_fewshot, args.limit, args.batch_size)
+    try:
+        results = evaluate(args.model, args.tasks.split(","), args.num_fewshot, args.limit, args.batch_size)
+    except FileNotFoundError as err:  # a local task's data file (the message names it and the fix)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     row = table_row(results["results"])
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(row, args.model, args.num_fewshot, args.limit)

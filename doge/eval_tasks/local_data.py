@@ -1,6 +1,6 @@
 """Datasets for the local task definitions: the JSONL/CSV files of an evaluation data folder.
 
-The folder is `DOGE_EVAL_DATA` (set by `python -m doge.evaluate --data`), else `../shared/data/eval`
+The folder is `DOGE_EVAL_DATA` (set by `python -m doge.evaluate --data`), else `shared/data/eval`
 beside the repository. File formats: ARC, PIQA and OpenBookQA as `{query, choices, gold}`,
 WinoGrande as `{context_options, continuation, gold}` (partial scoring), MMLU as headerless CSV
 `question,A,B,C,D,answer` per subject with the five shots in `dev/`. lm-eval calls `load` through
