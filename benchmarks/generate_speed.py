@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
-from doge import DogeConfig, DogeForCausalLM
-from doge.model.generation import Decoder
-from doge.model.lowbit import WEIGHT_FORMATS
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_speed import generate_tokens_per_s  # noqa: E402
+
+from doge import DogeConfig, DogeForCausalLM  # noqa: E402
+from doge.model.generation import Decoder  # noqa: E402
+from doge.model.lowbit import WEIGHT_FORMATS  # noqa: E402
 
 PROMPT, NEW = 32, 128
 BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
@@ -64,21 +69,6 @@ def load(preset: str, export: str | None):
     return ours.eval(), stock.eval()
 
 
-@torch.inference_mode()
-def speeds(contenders: dict, prompt: torch.Tensor, repeats: int) -> dict:
-    """Best tokens/s of each contender over `repeats` interleaved rounds (one warm-up each)."""
-    best = dict.fromkeys(contenders, 0.0)
-    for generate in contenders.values():
-        generate(prompt, 8)
-    for _ in range(repeats):
-        for name, generate in contenders.items():
-            start = time.perf_counter()
-            out = generate(prompt, NEW)
-            assert out.shape[1] == PROMPT + NEW
-            best[name] = max(best[name], NEW / (time.perf_counter() - start))
-    return best
-
-
 def agreement(decoders: dict, prompts: torch.Tensor) -> dict:
     """Per reduced format: top-1 agreement and max |logit difference| with fp32, teacher-forced."""
     path = torch.cat([decoders["fp32"].generate(p[None], NEW) for p in prompts])
@@ -100,7 +90,7 @@ def bench(preset: str, export: str | None, repeats: int, n_prompts: int, bandwid
     contenders = {"stock generate": lambda p, n: stock.generate(p, max_new_tokens=n, min_new_tokens=n,
                                                                 do_sample=False, pad_token_id=0)}
     contenders.update({f"Decoder {fmt}": decoder.generate for fmt, decoder in decoders.items()})
-    tokens_per_s = speeds(contenders, prompts[:1], repeats)
+    tokens_per_s = generate_tokens_per_s(contenders, prompts[:1], NEW, repeats)
     roofline = {fmt: bandwidth / weight_bytes(ours, fmt) for fmt in WEIGHT_FORMATS}
     return dict(preset=export or preset, tokens_per_s=tokens_per_s, roofline=roofline,
                 weight_mb={fmt: weight_bytes(ours, fmt) / 1e6 for fmt in WEIGHT_FORMATS},

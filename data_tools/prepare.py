@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # imported after parsing so that --help answers at once (importing doge loads transformers)
-    from doge.data import DataError
+    from doge.data.errors import run_tool
     from doge.data.prepare import PrepareConfig, prepare
     from doge.data.sources import ReadOptions
     chat = tuple(args.chat_fields.split(",")) if args.chat_fields else ()
@@ -74,13 +74,7 @@ def main(argv=None) -> int:
                          parse_special_tokens=args.parse_special_tokens),
         overwrite=args.overwrite, command=["python"] + sys.argv,
     )
-    try:
-        out = prepare(cfg, progress_bar=not args.quiet)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_tool(lambda: prepare(cfg, progress_bar=not args.quiet))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from doge.data import DataError  # after parsing: --help answers at once
     from doge.data.chat import ChatPrepareConfig, prepare_chat
+    from doge.data.errors import run_tool  # after parsing: --help answers at once
 
     fields = tuple(args.fields.split(",")) if args.fields else ()
     if fields and len(fields) != 2:
@@ -45,13 +45,7 @@ def main(argv=None) -> int:
     cfg = ChatPrepareConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output, kind=args.kind,
                             seq_len=args.seq_len, fields=fields, val_fraction=args.val_fraction,
                             val_rows=args.val_rows, overwrite=args.overwrite, command=["python"] + sys.argv)
-    try:
-        out = prepare_chat(cfg)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_tool(lambda: prepare_chat(cfg))
 
 
 if __name__ == "__main__":

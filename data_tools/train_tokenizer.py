@@ -36,18 +36,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # imported after parsing so that --help answers at once (importing doge loads transformers)
-    from doge.data import DataError
+    from doge.data.errors import run_tool
     from doge.data.sources import ReadOptions
     from doge.data.tokenizer import train_tokenizer
     opts = ReadOptions(text_field=args.text_field, txt_split=args.txt_split)
-    try:
-        out = train_tokenizer(args.input, args.output, args.vocab_size, opts, args.max_sentences, args.seed,
-                              args.threads)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_tool(lambda: train_tokenizer(args.input, args.output, args.vocab_size, opts, args.max_sentences,
+                                            args.seed, args.threads))
 
 
 if __name__ == "__main__":

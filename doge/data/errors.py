@@ -1,5 +1,6 @@
 """The one exception type of the data tools, so callers can tell bad data from bugs."""
 import errno
+import sys
 
 
 class DataError(ValueError):
@@ -16,3 +17,15 @@ def from_os_error(exc: OSError, where) -> DataError:
     else:
         fix = "check the path and the disk, then rerun the same command"
     return DataError(f"{exc.filename or where}: {exc.strerror or exc}; {fix}")
+
+
+def run_tool(work) -> int:
+    """A data tool's exit: `wrote PATH` and 0 when `work()` returns the path it wrote, or one
+    `error: ...` line (no traceback) and 2 when it raises DataError."""
+    try:
+        out = work()
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
