@@ -119,7 +119,7 @@ def test_real_errors_end_with_the_reason_and_never_requeue(cluster):
     jobs = {"missing-data": submit(cluster, "slurm/pretrain_20m.sh", "missing-data", nodes=1,
                                    DATA=str(h.BASE / "no-such-data")),
             "bad-recipe": submit(cluster, "slurm/pretrain_20m.sh", "bad-recipe", nodes=1, DATA=str(h.prepared()),
-                                 EXTRA=EXTRA + " --warmup-steps 100")}
+                                 EXTRA=EXTRA + " --warmup-steps 10000")}
     for name, job in jobs.items():
         info = cluster.wait_done(job, 300)
         text = log_of(name)
@@ -151,7 +151,7 @@ def test_continue_from_a_stable_checkpoint_leaves_the_source_unchanged(cluster, 
     source_run = h.BASE / "two-nodes"
     source = source_run / "checkpoints" / "step-00000016"  # decay starts after step 16: stable phase
     before = h.tree_digest(source_run)
-    name = "continued"
+    name = "slurm-continued"
     job = submit(cluster, "slurm/continue.sh", name, DATA=str(h.prepared("tinystories_val.txt")),
                  INIT_FROM=str(source),
                  EXTRA=EXTRA + " --max-steps 8 --warmup-steps 2 --decay-steps 4 --eval-interval 0")
