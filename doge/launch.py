@@ -20,7 +20,9 @@ of this process's reach.
 The launcher's death takes its ranks with it: each rank watches this process (its pid and start
 time travel in DOGE_LAUNCHER) and its own parent, and exits at once when either is gone, so a
 SIGKILLed launcher never leaves ranks writing to RUNDIR (what they leave is what kill -9 leaves,
-which a resume handles).
+which a resume handles). So after a stop signal this process outlives the ranks it saw: SLURM's
+SIGTERM reaches every process of the job step, DeepSpeed's runner may exit on it at once, and
+leaving with it would end ranks that are still saving.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import time
 import psutil
 
 POLL_S = 0.2
+STOP_WAIT_S = 120  # how long a stopped job's ranks may take to save after the runner is gone
 RANK_PARENT = "deepspeed.launcher.launch"
 LAUNCHER_ENV = "DOGE_LAUNCHER"  # "PID:START_TIME" of this process, inherited by every rank
 
@@ -127,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda signum, frame: requests.append(signum))
     signal.signal(signal.SIGINT, lambda signum, frame: runner.send_signal(signal.SIGINT))
     told: set[int] | None = None
+    seen: list[psutil.Process] = []
     while runner.poll() is None:
+        seen = ranks(runner.pid) or seen
         if requests and told is None:
             print(f"doge.launch: {signal.Signals(requests[0]).name}: asking every rank to save and exit",
                   file=sys.stderr, flush=True)
@@ -135,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         if told is not None:
             forward_stop(runner.pid, told)
         time.sleep(POLL_S)
+    if requests:  # a signal to the whole job (SLURM) can end the runner while the ranks still save
+        psutil.wait_procs(seen, timeout=STOP_WAIT_S)
     return exit_status(runner.returncode)
 
 
