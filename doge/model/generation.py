@@ -21,22 +21,31 @@ Weights are fused and packed when the Decoder is built; build a new one after ch
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from doge.model.dma import dma_attention, dynamic_bias
 from doge.model.lowbit import packed_linear
 from doge.model.modeling import DogeForCausalLM
-from doge.model.rope import apply_rotary
 
 
 class _Weights:
-    """Fused (and, for weights other than fp32, packed) linear weights of one decoder layer."""
+    """A layer's weights as the decode step uses them, prepared once: fused (and, for weights
+    other than fp32, packed) linears, the q and k norm scales as one (H + Hkv, D) table (one norm
+    call for all heads), and plain tensors instead of module calls (no hooks on the hot path)."""
 
     def __init__(self, layer, weights: str):
         attn, mlp = layer.self_attn, layer.mlp
-        self.layer, self.attn = layer, attn
+        self.mlp, self.eps, self.head_dim = mlp, attn.q_norm.eps, attn.head_dim
+        self.heads = attn.q_proj.out_features // attn.head_dim
+        self.kv_heads = attn.k_proj.out_features // attn.head_dim
+        self.scaling, self.keep_window = attn.scaling, attn.keep_window_size
         self.qkv = packed_linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), weights)
-        self.splits = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
         self.o_proj = packed_linear(attn.o_proj.weight, weights)
+        self.qk_norm = torch.cat([attn.q_norm.weight.expand(self.heads, -1),
+                                  attn.k_norm.weight.expand(self.kv_heads, -1)])
+        self.dt_proj, self.A = attn.dt_proj, attn.A
+        self.input_norm, self.post_norm = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        self.input_residual, self.post_residual = layer.input_residual, layer.post_attention_residual
         dense = not hasattr(mlp, "router_gate")
         self.gate_up = packed_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), weights) if dense else None
         self.down = packed_linear(mlp.down_proj.weight, weights) if dense else None
@@ -45,17 +54,25 @@ class _Weights:
         if any(linear.bias is not None for linear in linears):
             raise NotImplementedError("Decoder supports attention_bias=False and mlp_bias=False (every Doge preset)")
 
+    def mlp_out(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is None:
+            return self.mlp(x)[0]
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.mlp.act_fn(gate) * up)
+
 
 class _Layer:
-    """A layer's weights and its cache buffers for one generation."""
+    """A layer's cache for one generation, kept in the folded form `dma.fold_bias` gives (keys
+    [k, bias, 0 pad], values [v, 0 pad], width a multiple of 8): a one-token step attends to the
+    buffers as they are, with no per-token concatenation of the whole cache."""
 
     def __init__(self, weights: _Weights, batch: int, capacity: int, dtype, device):
-        self.weights, self.layer, self.attn = weights, weights.layer, weights.attn
-        attn = weights.attn
-        kv_heads = attn.k_proj.out_features // attn.head_dim
-        self.keys = torch.zeros(batch, kv_heads, capacity, attn.head_dim, dtype=dtype, device=device)
+        self.weights = w = weights
+        width = w.head_dim + 1 + (-(w.head_dim + 1)) % 8
+        self.keys = torch.zeros(batch, w.kv_heads, capacity, width, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
-        self.bias = torch.zeros(batch, kv_heads, capacity, dtype=dtype, device=device)
+        self.query = torch.zeros(batch, w.heads, width, dtype=dtype, device=device)
+        self.query[..., w.head_dim] = 1.0 / w.scaling
 
 
 EOS_CHECK_EVERY = 16  # static decoding reads the tokens back (a device sync) this often to stop at EOS
@@ -79,6 +96,8 @@ class Decoder:
         with torch.no_grad():
             self.layer_weights = [_Weights(layer, weights) for layer in model.model.layers]
             self.lm_head = packed_linear(model.lm_head.weight, weights)
+        self.embed, self.norm = model.model.embed_tokens.weight, model.model.norm.weight
+        self.eps = model.model.norm.eps
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -86,13 +105,13 @@ class Decoder:
         """Prompt followed by up to `max_new_tokens` tokens (stops early once every row hit EOS)."""
         batch, prompt_len = input_ids.shape
         capacity = prompt_len + max_new_tokens
-        layers, logits = self._prefill(input_ids, capacity)
+        cache, logits = self._prefill(input_ids, capacity)
         out = torch.empty(batch, capacity, dtype=torch.long, device=input_ids.device)
         out[:, :prompt_len] = input_ids
         if temperature <= 0 and self._use_static(capacity, input_ids.device):
-            return self._generate_static(layers, out, logits.argmax(-1), prompt_len, eos_token_id)
+            return self._generate_static(cache, out, logits.argmax(-1), prompt_len, eos_token_id)
         pos = prompt_len - 1
-        for pos, token in enumerate(self._tokens(layers, logits, prompt_len, capacity, temperature, eos_token_id,
+        for pos, token in enumerate(self._tokens(cache, logits, prompt_len, capacity, temperature, eos_token_id,
                                                  generator), start=prompt_len):
             out[:, pos] = token
         return out[:, : pos + 1]
@@ -103,25 +122,24 @@ class Decoder:
         """Yield each new token, (B,) ids, as soon as it is chosen (the eager step: for printing
         as it goes); the same tokens as `generate`."""
         capacity = input_ids.shape[1] + max_new_tokens
-        layers, logits = self._prefill(input_ids, capacity)
-        yield from self._tokens(layers, logits, input_ids.shape[1], capacity, temperature, eos_token_id, generator)
+        cache, logits = self._prefill(input_ids, capacity)
+        yield from self._tokens(cache, logits, input_ids.shape[1], capacity, temperature, eos_token_id, generator)
 
     @torch.inference_mode()
     def forced_logits(self, input_ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
         """(B, L - prompt_len + 1, V) float32 logits of the decode steps along given ids (teacher
         forcing): how reduced-precision weights are compared with fp32 on the same path."""
-        layers, logits = self._prefill(input_ids[:, :prompt_len], input_ids.shape[1])
-        steps = [logits] + [self._step(layers, input_ids[:, pos: pos + 1], pos)
+        cache, logits = self._prefill(input_ids[:, :prompt_len], input_ids.shape[1])
+        steps = [logits] + [self._step(cache, input_ids[:, pos: pos + 1], pos)
                             for pos in range(prompt_len, input_ids.shape[1])]
         return torch.stack(steps, dim=1).float()
 
     def _prefill(self, input_ids: torch.Tensor, capacity: int):
         """Cache buffers for `capacity` positions, filled with the prompt; the last prompt logits."""
-        layers = [_Layer(weights, input_ids.shape[0], capacity, self.dtype, input_ids.device)
-                  for weights in self.layer_weights]
-        return layers, self._step(layers, input_ids, 0)
+        cache = _Cache(self, input_ids.shape[0], capacity, input_ids.device)
+        return cache, self._step(cache, input_ids, 0)
 
-    def _tokens(self, layers, logits, prompt_len: int, capacity: int, temperature, eos_token_id, generator):
+    def _tokens(self, cache, logits, prompt_len: int, capacity: int, temperature, eos_token_id, generator):
         """Eager decoding: rows that hit EOS repeat it; stops at capacity or when every row is done."""
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         for pos in range(prompt_len, capacity):
@@ -130,9 +148,9 @@ class Decoder:
                 token = token.masked_fill(done, eos_token_id)
                 done |= token == eos_token_id
             yield token
-            if pos + 1 == capacity or bool(done.all()):
+            if pos + 1 == capacity or (eos_token_id is not None and bool(done.all())):
                 return
-            logits = self._step(layers, token[:, None], pos)
+            logits = self._step(cache, token[:, None], pos)
 
     @staticmethod
     def _pick(logits, temperature, generator):
@@ -141,29 +159,29 @@ class Decoder:
         probs = torch.softmax(logits.float() / temperature, dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-    def _step(self, layers, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Run `ids` (B, n) at positions start..start+n-1; return the last position's logits."""
-        model = self.model.model
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
-        cos, sin = model.rotary_emb(ids.new_empty(0, dtype=self.dtype), positions)
-        return self._forward(layers, ids, cos, sin, slice(start, start + ids.shape[1]), None)
+    def _step(self, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Run `ids` (B, n) at positions start..start+n-1; return the last position's logits. One
+        token reads its rope row from the table; several get one rotary call, as the model's forward."""
+        stop = start + ids.shape[1]
+        if ids.shape[1] == 1:
+            cos, sin = cache.cos[start:stop], cache.sin[start:stop]
+        else:
+            cos, sin = _rope(self.model.model.rotary_emb, torch.arange(start, stop, device=ids.device), self.dtype)
+        return self._forward(cache, ids, cos, sin, slice(start, stop), None)
 
-    def _forward(self, layers, ids, cos, sin, at, key_mask):
-        h = self.model.model.embed_tokens(ids)
-        for state in layers:
-            h = self._layer(state, h, cos, sin, at, key_mask)
-        return self.lm_head(self.model.model.norm(h[:, -1]))
+    def _forward(self, cache, ids, cos, sin, at, key_mask):
+        h = F.embedding(ids, self.embed)
+        for state in cache.layers:
+            h = _layer(state, h, cos, sin, at, key_mask)
+        return self.lm_head(_rms_norm(h[:, -1], self.norm, self.eps))
 
     def _use_static(self, capacity: int, device) -> bool:
-        """The static step needs every position inside the window and a rope table that does not
-        change with the length (dynamic NTK rescales past max_position_embeddings)."""
+        """The static step needs every position inside the window."""
         if self.static is False or (self.static == "auto" and device.type != "cuda"):
             return False
-        rope_fixed = (self.config.rope_parameters or {}).get("rope_type", "default") == "default" \
-            or capacity <= self.config.max_position_embeddings
-        return capacity <= self.config.keep_window_size and rope_fixed
+        return capacity <= self.config.keep_window_size
 
-    def _generate_static(self, layers, out, first, prompt_len: int, eos_token_id: int | None):
+    def _generate_static(self, cache, out, first, prompt_len: int, eos_token_id: int | None):
         """Greedy decoding with the static step, replayed as a CUDA graph on CUDA."""
         batch, capacity = out.shape
         device = out.device
@@ -171,12 +189,11 @@ class Decoder:
         pos = torch.tensor([prompt_len], device=device)
         token = first[:, None].clone()
         positions = torch.arange(capacity, device=device)
-        cos_table, sin_table = self.model.model.rotary_emb(out.new_empty(0, dtype=self.dtype), positions[None])
 
         def step():
-            cos, sin = cos_table.index_select(1, pos), sin_table.index_select(1, pos)
+            cos, sin = cache.cos.index_select(0, pos), cache.sin.index_select(0, pos)
             key_mask = (positions <= pos).expand(batch, capacity)
-            nxt = self._forward(layers, token, cos, sin, pos, key_mask).argmax(-1)
+            nxt = self._forward(cache, token, cos, sin, pos, key_mask).argmax(-1)
             out.index_copy_(1, pos + 1, nxt[:, None])
             token.copy_(nxt[:, None])
             pos.add_(1)
@@ -193,39 +210,84 @@ class Decoder:
             done += 1
         return _cut_at_eos(out[:, : prompt_len + done + 1], prompt_len, eos_token_id)
 
-    @staticmethod
-    def _layer(state: _Layer, h, cos, sin, at, key_mask):
-        """One decoder layer on new positions `at`: a slice (eager: attend to the cache up to its
-        end) or a (1,) position tensor (static: attend to the whole cache under `key_mask`)."""
-        layer, attn, w = state.layer, state.attn, state.weights
-        batch, length, _ = h.shape
-        q, k, v = w.qkv(layer.input_layernorm(h)).split(w.splits, dim=-1)
-        q = attn.q_norm(q.view(batch, length, -1, attn.head_dim)).transpose(1, 2)
-        k = attn.k_norm(k.view(batch, length, -1, attn.head_dim)).transpose(1, 2)
-        v = v.view(batch, length, -1, attn.head_dim).transpose(1, 2)
-        q = apply_rotary(q, cos, sin)
-        keys = _write(state.keys, apply_rotary(k, cos, sin), at)
-        values = _write(state.values, v, at)
-        bias = _write(state.bias, dynamic_bias(v, attn.dt_proj, attn.A), at)
-        a = dma_attention(q, keys, values, bias, scaling=attn.scaling, keep_window=attn.keep_window_size,
-                          key_mask=key_mask)
-        h = torch.addcmul(w.o_proj(a.transpose(1, 2).reshape(batch, length, -1)), layer.input_residual, h)
-        x = layer.post_attention_layernorm(h)
-        if w.gate_up is None:
-            mlp_out = layer.mlp(x)[0]
-        else:
-            gate, up = w.gate_up(x).chunk(2, dim=-1)
-            mlp_out = w.down(layer.mlp.act_fn(gate) * up)
-        return torch.addcmul(mlp_out, layer.post_attention_residual, h)
+
+class _Cache:
+    """What one generation writes and looks up per token: each layer's buffers, and the rope rows
+    of every position as a single-token step at that position computes them (x * cos +
+    rotate_half(x) * sin = x * cos + x.roll(D/2) * sin with the sign folded into sin's first half).
+    Length-dependent rope types scale with a call's last position, so they take one call per row."""
+
+    def __init__(self, decoder: Decoder, batch: int, capacity: int, device):
+        self.layers = [_Layer(w, batch, capacity, decoder.dtype, device) for w in decoder.layer_weights]
+        rotary, positions = decoder.model.model.rotary_emb, torch.arange(capacity, device=device)
+        rows = [positions] if rotary.rope_type == "default" else positions.split(1)
+        tables = [_rope(rotary, p, decoder.dtype) for p in rows]
+        self.cos, self.sin = (torch.cat(t) for t in zip(*tables))
 
 
-def _write(cache: torch.Tensor, new: torch.Tensor, at) -> torch.Tensor:
-    """Store `new` at positions `at` (dim 2) and return the part of the cache to attend to."""
+def _rope(rotary, positions: torch.Tensor, dtype):
+    """(L, D) cos and sign-folded sin for `positions`, from one rotary call as the model makes it."""
+    cos, sin = rotary(positions.new_empty(0, dtype=dtype), positions[None])
+    half = sin.shape[-1] // 2
+    return cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+
+
+def _rms_norm(x, weight, eps):
+    """DogeRMSNorm's maths (float32 norm, cast back, then scaled) with the scale given: one call
+    normalises the q and k heads together."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _layer(state: _Layer, h, cos, sin, at, key_mask):
+    """One decoder layer on new positions `at`, h (B, L, hidden): a slice (eager: attend to the
+    cache up to its end) or a (1,) position tensor (static: the whole cache under `key_mask`)."""
+    w = state.weights
+    batch, length, _ = h.shape
+    qkv = w.qkv(_rms_norm(h, w.input_norm, w.eps))
+    qk_width = (w.heads + w.kv_heads) * w.head_dim
+    qk = _rms_norm(qkv[..., :qk_width].view(batch, length, -1, w.head_dim), w.qk_norm, w.eps)
+    qk = qk * cos[:, None] + qk.roll(w.head_dim // 2, dims=-1) * sin[:, None]
+    v = qkv[..., qk_width:].view(batch, length, w.kv_heads, w.head_dim).transpose(1, 2)
+    _write(state, qk[:, :, w.heads:].transpose(1, 2), v, dynamic_bias(v, w.dt_proj, w.A), at)
+    h = torch.addcmul(w.o_proj(_attend(state, qk[:, :, : w.heads], at, key_mask)), w.input_residual, h)
+    return torch.addcmul(w.mlp_out(_rms_norm(h, w.post_norm, w.eps)), w.post_residual, h)
+
+
+def _write(state: _Layer, k, v, bias, at) -> None:
+    """Store keys and values (B, Hkv, L, D) and biases (B, Hkv, L) at positions `at` (folded form)."""
+    dim = state.weights.head_dim
     if isinstance(at, slice):
-        cache[:, :, at] = new
-        return cache[:, :, : at.stop]
-    cache.index_copy_(2, at, new)
-    return cache
+        state.keys[:, :, at, :dim] = k
+        state.keys[:, :, at, dim] = bias
+        state.values[:, :, at, :dim] = v
+        return
+    state.keys[..., :dim].index_copy_(2, at, k)
+    state.keys[..., dim].index_copy_(2, at, bias)
+    state.values[..., :dim].index_copy_(2, at, v)
+
+
+def _attend(state: _Layer, q, at, key_mask) -> torch.Tensor:
+    """DMA attention of (B, L, H, D) queries to the cache, as (B, L, H * D).
+
+    One query per row inside the window (every decode step): `dma_attention`'s single-query branch
+    on the folded tensors it would build, with the query heads grouped under their KV head (the
+    cache is not repeated per head) and the fold constant already in the query buffer. Otherwise
+    (prompt, sparse window) `dma_attention` itself, on views of the folded cache."""
+    w = state.weights
+    batch, length = q.shape[:2]
+    stop = state.keys.shape[2] if key_mask is not None else at.stop
+    if length == 1 and stop <= w.keep_window:
+        state.query[..., : w.head_dim] = q[:, 0]
+        query = state.query.view(batch, w.kv_heads, -1, state.query.shape[-1])
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(query, state.keys[:, :, :stop], state.values[:, :, :stop],
+                                             attn_mask=mask, scale=w.scaling)
+        return out[..., : w.head_dim].reshape(batch, 1, -1)
+    dim = w.head_dim
+    keys, values, bias = state.keys[:, :, :stop, :dim], state.values[:, :, :stop, :dim], state.keys[:, :, :stop, dim]
+    out = dma_attention(q.transpose(1, 2), keys, values, bias, scaling=w.scaling, keep_window=w.keep_window,
+                        key_mask=key_mask)
+    return out.transpose(1, 2).reshape(batch, length, -1)
 
 
 def _cuda_graph(step):
