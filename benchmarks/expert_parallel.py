@@ -1,7 +1,7 @@
 """Expert parallelism vs ZeRO-3: memory, step time and traffic per rank of a CDMoE model whose
 expert tables hold almost all of its parameters.
 
-    python benchmarks/expert_parallel.py [--cases z2e1 z2e2 z3e1] [--experts 16384] [--hidden 128] [--steps 6]
+    python benchmarks/expert_parallel.py [--cases z2e1 z2e2 z3e1] [--experts 65536] [--hidden 64] [--steps 5]
 
 Each case ("zSeE": ZeRO stage S, expert-parallel size E) trains the model in fresh processes, one per
 rank, started by this script (gloo on CPU; nccl when every rank can have a GPU of its own), built
@@ -14,6 +14,9 @@ matrix). Per case and rank it measures:
 - peak RSS (resource.getrusage): over the whole process ("build", which includes the full model
   every rank builds before DeepSpeed partitions or shards it) and over the training steps only
   (the mark is reset after the engine is built); on a GPU also torch's peak allocated memory;
+  ZeRO-3's training peak includes the weights it gathers for forward and backward (with
+  DeepSpeed's default stage3_max_live_parameters and max_reuse_distance, 1e9 numbers each, a
+  model this small stays gathered from its forward to its backward);
 - the bytes of the tensors that make up the model state, counted from the engine and its
   optimizer after a backward (gradients still held), each storage once: weights (the model's
   parameters, or their ZeRO-3 partitions), gradients (the parameters' .grad and ZeRO's gradient
@@ -31,12 +34,15 @@ expert-data-parallel size; P_e = the expert tables down_embed + up_embed, P_d = 
 parameter, P = P_d + P_e):
 
     ZeRO-1/2, E shards   weights      4 (P_d + P_e/E)
-                         gradients    ZeRO-2: 4 (P_d/W + P_e/(E D)) = 4 P/W   ZeRO-1: 4 (P_d + P_e/E)
+                         gradients    4 (P_d/W + P_e/(E D)) = 4 P/W
                          fp32 + m, v  12 (P_d/W + P_e/(E D)) = 12 P/W
     ZeRO-3, E = 1        weights 4 P/W, gradients 4 P/W, fp32 + m, v 8 P/W
 
 (ZeRO-1/2 keep an fp32 master copy of their partition even when the weights are fp32; ZeRO-3 then
-steps its fp32 weight partition in place, so only the two moments add to it.)
+steps its fp32 weight partition in place, so only the two moments add to it. DeepSpeed 0.19's ZeRO-1
+keeps only its partition of the reduced gradient after the backward, as ZeRO-2 does; the two differ
+in how the gradient is reduced on the way, which the RSS column sees. A parameter that straddles
+two ranks' partitions has its whole gradient held by both, up to one tensor more than predicted.)
 
 Dense parameters are partitioned over the data-parallel group (W ranks), a shard's rows over its
 expert-data-parallel group (D ranks), so with ZeRO-2 only the weights shrink with E: by
@@ -46,6 +52,7 @@ everything by W, at the price of gathering the weights in every forward and back
 from __future__ import annotations
 
 import argparse
+import ctypes
 import inspect
 import json
 import logging
@@ -160,8 +167,10 @@ def peak_rss_mb() -> float:
 
 
 def reset_peak_rss() -> None:
-    """Lower the peak-RSS mark to the current RSS (Linux), so later peaks exclude the build."""
+    """Hand the heap freed after the build back to the OS and lower the peak-RSS mark to the
+    current RSS (glibc, Linux), so that later peaks measure training, not the build."""
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
@@ -284,7 +293,7 @@ def predict(stage: int, ep: int, world: int, dense: int, expert: int) -> dict:
         return {"weights": 4 * share, "gradients": 4 * share, "optimizer": 8 * share}
     local = dense + expert / ep
     partition = dense / world + expert / ep / (world // ep)
-    return {"weights": 4 * local, "gradients": 4 * (partition if stage == 2 else local), "optimizer": 12 * partition}
+    return {"weights": 4 * local, "gradients": 4 * partition, "optimizer": 12 * partition}
 
 
 def summarize(case: dict, ranks: list[dict], predicted: dict) -> dict:
@@ -311,7 +320,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         pairs = [(r["held"][k], r["predicted"][k]) for k in CATEGORIES]
         pairs.append((sum(m for m, _ in pairs), sum(p for _, p in pairs)))
-        split = ", ".join(f"{op} {b / MB:.1f}" for op, b in sorted(r["comm_split"].items()))
+        split = ", ".join(f"{op} {b / MB:.1f}" if b >= MB / 20 else f"{op} <0.1"
+                          for op, b in sorted(r["comm_split"].items()))
         cells = [r["case"], f"{r['step_ms']:.0f}", " / ".join(f"{v:.0f}" for v in r["rss"]),
                  *([f"{r['cuda_peak_mb']:.0f}"] if cuda else []),
                  *(f"{m / MB:.1f} / {p / MB:.1f}" for m, p in pairs), f"{r['comm_mb']:.1f}", split or "-"]
@@ -366,14 +376,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="zSeE = ZeRO stage S (1-3) with expert-parallel size E (E=1 for ZeRO-3); "
                              "default: z2e1 z2e2 z3e1")
     parser.add_argument("--preset", default="doge-tiny", help="preset the CDMoE is built from (default doge-tiny)")
-    parser.add_argument("--hidden", type=int, help="hidden size (default: the preset's, 128 for doge-tiny)")
-    parser.add_argument("--experts", type=int, default=16384, help="experts per CDMoE layer, a square (default 16384)")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size, 0 = the preset's (default 64)")
+    parser.add_argument("--experts", type=int, default=65536,
+                        help="experts per CDMoE layer, a square: routing reaches isqrt(N)^2 (default 65536)")
     parser.add_argument("--top-k", type=int, default=16, help="experts per token (default 16)")
     parser.add_argument("--world", type=int, default=2, help="ranks (default 2)")
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per rank per step (default 4)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps; the median is reported (default 6)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda (nccl) when there is a GPU per rank, else cpu (gloo)")
     args = parser.parse_args(argv)
@@ -401,9 +412,10 @@ def main(argv=None) -> None:
                     seq_len=args.seq_len, warmup=args.warmup, steps=args.steps, device=args.device)
     rows = {}
     for case in args.cases:
+        start = time.perf_counter()
         ranks = run_case(case, settings)
         rows[case["name"]] = summarize(case, ranks, predict(case["stage"], case["ep"], args.world, dense, expert))
-        print(f"{case['name']}: done", flush=True)
+        print(f"{case['name']}: {time.perf_counter() - start:.0f} s", flush=True)
     print(f"\n{args.preset} CDMoE, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
           f"{args.experts} experts top-{args.top_k}; {args.world} ranks ({args.device}, {BACKENDS[args.device]}), "
           f"{args.micro_batch} x {args.seq_len} tokens per rank per step, fp32, torch {torch.__version__}\n")
