@@ -75,8 +75,9 @@ import torch.multiprocessing as mp
 REPO = Path(__file__).resolve().parent.parent
 MB = 2 ** 20
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
-# Collective -> the argument whose tensor(s) give its payload. Where a newer name exists the older
-# one (all_gather_into_tensor, reduce_scatter_tensor) calls it, so only the first present is wrapped.
+# Collective -> the argument whose tensor(s) give its payload. Where torch has a newer name the older
+# one (all_gather_into_tensor, reduce_scatter_tensor, which DeepSpeed calls) calls it, so only the
+# first present is wrapped; both are reported under the older name.
 COLLECTIVES = {("all_reduce",): "tensor", ("all_reduce_coalesced",): "tensors", ("reduce",): "tensor",
                ("broadcast",): "tensor", ("all_gather",): "tensor_list",
                ("all_gather_single", "all_gather_into_tensor"): "output_tensor", ("reduce_scatter",): "input_list",
@@ -84,8 +85,7 @@ COLLECTIVES = {("all_reduce",): "tensor", ("all_reduce_coalesced",): "tensors", 
                ("all_to_all_single",): "input"}
 GRADIENT_HOLDERS = ("grads_in_partition", "averaged_gradients",  # ZeRO-1/2
                     "grad_partitions_flat_buffer", "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition")
-CATEGORIES = ("weights", "gradients", "optimizer")
-LABELS = {"weights": "weights", "gradients": "gradients", "optimizer": "fp32 master + Adam"}
+CATEGORIES = {"weights": "weights", "gradients": "gradients", "optimizer": "fp32 master + Adam"}  # key: label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,12 +100,12 @@ class CommCounter:
         self.on, self.bytes = False, {}
         for names, arg in COLLECTIVES.items():
             name = next(n for n in names if hasattr(c10d, n))
-            wrapped = self._wrap(getattr(c10d, name), name, arg)
+            wrapped = self._wrap(getattr(c10d, name), names[-1], arg)
             setattr(c10d, name, wrapped)
             if hasattr(dist, name):
                 setattr(dist, name, wrapped)
 
-    def _wrap(self, fn, name: str, arg: str):
+    def _wrap(self, fn, label: str, arg: str):
         signature = inspect.signature(fn)
 
         @wraps(fn)
@@ -114,7 +114,7 @@ class CommCounter:
                 bound = signature.bind(*args, **kwargs).arguments
                 if dist.get_world_size(bound.get("group")) > 1:
                     tensors = bound[arg] if isinstance(bound[arg], (list, tuple)) else [bound[arg]]
-                    self.bytes[name] = self.bytes.get(name, 0) + sum(t.numel() * t.element_size() for t in tensors)
+                    self.bytes[label] = self.bytes.get(label, 0) + sum(t.numel() * t.element_size() for t in tensors)
             return fn(*args, **kwargs)
 
         return counted
@@ -314,7 +314,7 @@ def table(rows: list[dict]) -> str:
     """Markdown: measured / predicted MB per category, RSS, traffic."""
     cuda = rows[0]["cuda_peak_mb"] is not None
     head = ["case", "step ms", "RSS MB base / build / train", *(["GPU peak MB"] if cuda else []),
-            *(f"{LABELS.get(k, k)} MB meas / pred" for k in (*CATEGORIES, "total")), "MB exchanged per step",
+            *(f"{label} MB meas / pred" for label in (*CATEGORIES.values(), "total")), "MB exchanged per step",
             "by collective"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
