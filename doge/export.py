@@ -1,6 +1,7 @@
 """Export a training checkpoint to a Hugging Face folder: `python -m doge.export CKPT OUTDIR`.
 
-CKPT is a `RUNDIR/checkpoints/step-XXXXXXXX` folder (any ZeRO stage, any world size). OUTDIR gets
+CKPT is a `RUNDIR/checkpoints/step-XXXXXXXX` folder (any ZeRO stage, any world size, CDMoE expert
+tables sharded or not: the export holds them whole). OUTDIR gets
 fp32 safetensors, config.json and the tokenizer, loadable by stock
 `transformers.AutoModelForCausalLM`. The export is written beside OUTDIR and renamed into place,
 so an interrupted export never leaves a half-written OUTDIR.
@@ -16,7 +17,25 @@ from pathlib import Path
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from doge import DogeConfig, DogeForCausalLM, atomic
+from doge.training import consolidate
 from doge.training.checkpoint import STATE_FILE, TrainerState
+
+
+def checkpoint_weights(ckpt: Path) -> dict:
+    """The full fp32 weights of a checkpoint under the model's own names (expert tables whole)."""
+    if consolidate.handles(ckpt):
+        return consolidate.read(ckpt).weights
+    logging.getLogger("deepspeed").setLevel(logging.WARNING)
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
+def load_checked(model: DogeForCausalLM, weights: dict, source: Path) -> None:
+    """`weights` into `model`; every parameter must be there (the tied LM head may be absent)."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"{source}: weights do not match the model config: missing {missing}, "
+                           f"unexpected {unexpected}")
 
 
 def export(ckpt: Path, outdir: Path, replace: bool = False) -> Path:
@@ -26,14 +45,8 @@ def export(ckpt: Path, outdir: Path, replace: bool = False) -> Path:
                                 "pass a RUNDIR/checkpoints/step-XXXXXXXX folder")
     if outdir.exists() and any(outdir.iterdir()) and not replace:
         raise FileExistsError(f"{outdir} exists and is not empty; choose another OUTDIR")
-    state = TrainerState.read(ckpt)
-    logging.getLogger("deepspeed").setLevel(logging.WARNING)
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    model = DogeForCausalLM(DogeConfig(**state.model_config))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"{ckpt}: weights do not match the model config: missing {missing}, unexpected {unexpected}")
+    model = DogeForCausalLM(DogeConfig(**TrainerState.read(ckpt).model_config))
+    load_checked(model, checkpoint_weights(ckpt), ckpt)
     tmp = atomic.fresh_staging_dir(outdir)
     model.save_pretrained(tmp)
     if (ckpt / "tokenizer").is_dir():

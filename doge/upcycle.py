@@ -7,6 +7,9 @@ act(down_k . x) w_k * dL/dout, non-zero from the first step; once `up_embed` has
 and `down_embed` get gradients too (by the second optimizer step).
 
     python -m doge.upcycle DENSE_DIR OUT_DIR --num-experts 1024 --top-k 16
+
+The trainer does the same in one command (`--upcycle-experts`, `--upcycle-top-k`; recipes
+`recipes/upcycle-doge-*.yaml`), then trains the CDMoE model with expert parallelism.
 """
 from __future__ import annotations
 
@@ -26,15 +29,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
 
-def upcycle(dense: DogeForCausalLM, num_experts: int, top_k: int) -> DogeForCausalLM:
-    """A CDMoE model whose shared experts are `dense`'s MLPs and whose output equals `dense`'s."""
-    if dense.config.is_moe:
+def upcycled_config(dense: DogeConfig, num_experts: int, top_k: int) -> DogeConfig:
+    """`dense`'s config with CDMoE layers of `num_experts` experts, `top_k` per token."""
+    if dense.is_moe:
         raise ValueError("the checkpoint is already a CDMoE model (config.is_moe is true)")
     if math.isqrt(num_experts) ** 2 != num_experts:
-        raise ValueError(f"--num-experts {num_experts} must be a perfect square (product keys); "
+        raise ValueError(f"{num_experts} experts: the count must be a perfect square (product keys); "
                          f"e.g. {math.isqrt(num_experts) ** 2} or {(math.isqrt(num_experts) + 1) ** 2}")
-    config = DogeConfig(**{**dense.config.to_dict(), "is_moe": True, "num_experts": num_experts,
-                           "num_experts_per_tok": top_k})
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"top-k {top_k} must be between 1 and the number of experts {num_experts}")
+    return DogeConfig(**{**dense.to_dict(), "is_moe": True, "num_experts": num_experts,
+                         "num_experts_per_tok": top_k})
+
+
+def upcycle(dense: DogeForCausalLM, config: DogeConfig) -> DogeForCausalLM:
+    """A CDMoE model of `config` (from `upcycled_config`) whose shared experts are `dense`'s MLPs
+    and whose output equals `dense`'s; the router and `down_embed` are initialised by the global RNG."""
     moe = DogeForCausalLM(config).to(dense.dtype)
     result = moe.load_state_dict(dense.state_dict(), strict=False)
     unexpected_new = [k for k in result.missing_keys if not k.endswith(tuple(f"{p}.weight" for p in NEW_PARAMETERS))]
@@ -56,7 +66,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.out_dir.exists():
         parser.error(f"{args.out_dir} exists; choose a new output folder so nothing is overwritten")
-    moe = upcycle(DogeForCausalLM.from_pretrained(args.dense_dir), args.num_experts, args.top_k)
+    dense = DogeForCausalLM.from_pretrained(args.dense_dir)
+    try:
+        config = upcycled_config(dense.config, args.num_experts, args.top_k)
+    except ValueError as err:
+        parser.error(str(err))
+    moe = upcycle(dense, config)
     tmp = atomic.fresh_staging_dir(args.out_dir)
     moe.save_pretrained(tmp)
     for name in TOKENIZER_FILES:

@@ -4,18 +4,28 @@ batches (rank r takes rows r*micro .. of each global batch); rank 0 writes the f
 Adam moments (shards gathered, keys as in the unsharded model), the grad norms and the router
 statistics to a file the test compares with a single-process run.
 
+`load` mode: rank 0 writes the same tensors (and each optimizer group's name and weight decay) of a
+trainer checkpoint loaded the way the trainer loads it, at this launch's world size and EP_SIZE:
+directly at the size it was written with, else through the universal conversion. The engine is
+built with weight decay 0.5, so the groups show whether the checkpoint's settings came back.
+
 usage: torchrun --nproc_per_node W tests/ep_worker.py STAGE EP_SIZE OUT
+       torchrun --nproc_per_node W tests/ep_worker.py load CKPT EP_SIZE OUT
 """
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from conftest import tiny_config
 
-from doge import DogeForCausalLM
+from doge import DogeConfig, DogeForCausalLM
 from doge.training import expert_parallel
-from doge.training.engine import param_groups
+from doge.training.checkpoint import TrainerState
+from doge.training.distributed import init_distributed
+from doge.training.engine import _try_load, build_engine, param_groups
 from doge.training.lm_loss import causal_lm_loss
 
 MOE = dict(is_moe=True, num_experts=64, num_experts_per_tok=4, router_aux_loss_coef=0.01)
@@ -88,17 +98,41 @@ def main(stage: int, ep_size: int, out: str) -> None:
         engine.step()
         norms.append(float(engine.get_global_grad_norm()))
         stats.append({k: float(metrics[k]) for k in ("experts_used", "max_load")})
+    dump(engine, group, out, {"norms": norms, "stats": stats})
+
+
+def dump(engine, group, out: str, result: dict) -> None:
+    """Rank 0 saves `result` plus the full weights and both Adam moments; every rank shuts down."""
+    model = engine.module
     names = {p: n for n, p in model.named_parameters()}
-    result = {"norms": norms, "stats": stats,
-              "weights": full_tensors(model, names, {p: p.data for p in model.parameters()}, group)}
+    result["weights"] = full_tensors(model, names, {p: p.data for p in model.parameters()}, group)
     for key in ("exp_avg", "exp_avg_sq"):
         result[key] = full_tensors(model, names, adam_moments(engine.optimizer, key), group)
-    if rank == 0:
+    if dist.get_rank() == 0:
         torch.save(result, out)
     engine.destroy()
     dist.barrier()
     dist.destroy_process_group()
 
 
+def load(ckpt: Path, ep_size: int, out: str) -> None:
+    dist_info = init_distributed()
+    world = dist_info.world
+    state = TrainerState.read(ckpt)
+    reshard = (state.world_size, state.recipe["expert_parallel_size"]) != (world, ep_size)
+    config = ds_config(2, world)
+    config["checkpoint"] = {"load_universal": reshard}
+    engine = build_engine(DogeConfig(**state.model_config), config, 0.5, 0, None, ep_size)
+    scratch = Path(out).with_suffix(".universal")  # one folder all ranks see
+    plan = SimpleNamespace(reshard=reshard, rundir=scratch, resumed=False, source_state=state)
+    error = _try_load(engine, plan, ckpt, dist_info)
+    assert error is None, error
+    groups = [(g["name"], g["weight_decay"]) for g in engine.optimizer.param_groups]
+    dump(engine, getattr(engine.module, "expert_group", None), out, {"groups": groups})
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    if sys.argv[1] == "load":
+        load(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    else:
+        main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

@@ -10,7 +10,7 @@ from packaging.version import Version
 
 from doge import DogeForCausalLM
 from doge.model.cdmoe import load_balancing_loss
-from doge.upcycle import NEW_PARAMETERS, upcycle
+from doge.upcycle import NEW_PARAMETERS, upcycle, upcycled_config
 
 MOE = dict(is_moe=True, num_experts=64, num_experts_per_tok=8)
 
@@ -79,7 +79,7 @@ def test_load_balancing_loss_matches_stock_formula(pair):
 def test_upcycled_model_starts_equal_and_trains_new_parameters():
     torch.manual_seed(14)
     dense = DogeForCausalLM(tiny_config()).eval()
-    moe = upcycle(dense, num_experts=64, top_k=8)
+    moe = upcycle(dense, upcycled_config(dense.config, num_experts=64, top_k=8))
     x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(14))
     with torch.no_grad():
         assert (moe(x).logits - dense(x).logits).abs().max() <= 1e-5
@@ -114,7 +114,7 @@ def test_upcycle_cli_writes_a_stock_loadable_checkpoint(tmp_path):
 
 def test_upcycle_rejects_non_square_expert_count():
     with pytest.raises(ValueError, match="perfect square"):
-        upcycle(DogeForCausalLM(tiny_config()), num_experts=60, top_k=4)
+        upcycled_config(tiny_config(), num_experts=60, top_k=4)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])

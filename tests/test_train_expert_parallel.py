@@ -78,7 +78,6 @@ REFUSED = {
               "--deepspeed ds_configs/zero3.json has stage 3"),
     "offload": (lambda: ["--recipe", moe_recipe(), "--expert-parallel-size", "2", "--export", "false",
                          "--deepspeed", "ds_configs/zero2_offload.json"], "has stage 2 with offload"),
-    "export": (lambda: ["--recipe", moe_recipe(), "--expert-parallel-size", "2"], "add --export false"),
 }
 
 

@@ -38,6 +38,17 @@ def test_published_recipes(name, lr, warmup, stable, decay, tokens):
     assert recipe.precision == "bf16"
 
 
+@pytest.mark.parametrize("name", ["doge-20m", "doge-60m", "doge-160m"])
+def test_upcycle_recipes_use_the_published_experts_and_the_dense_batch_and_lr(name):
+    from doge.model.configuration import MOE_RECIPES
+
+    dense = load_recipe(str(REPO / f"recipes/{name}.yaml"), {})
+    moe = load_recipe(str(REPO / f"recipes/upcycle-{name}.yaml"), {})
+    assert (moe.upcycle_experts, moe.upcycle_top_k) == MOE_RECIPES[name]
+    assert (moe.lr, moe.global_batch_tokens, moe.seq_len) == (dense.lr, dense.global_batch_tokens, dense.seq_len)
+    assert moe.warmup_steps + moe.decay_steps < moe.max_steps  # a WSD schedule with a stable phase
+
+
 def test_unknown_yaml_key_is_named(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"lr": 1e-3, "learning_rate": 2e-3}))

@@ -211,11 +211,17 @@ def prune(root: Path, keep_last: int) -> None:
 
 
 def to_universal(ckpt: Path, out_root: Path) -> Path:
-    """Rank 0 only: DeepSpeed universal copy of `ckpt` under `out_root` (the source is only read)."""
+    """Rank 0 only: DeepSpeed universal copy of `ckpt` under `out_root` (the source is only read).
+    CDMoE checkpoints go through the project's expert-aware converter, others through DeepSpeed's."""
+    from doge.training import consolidate
+
     out = out_root / ckpt.name
     if out.is_dir():
         return out
     tmp = atomic.fresh_staging_dir(out)
+    if consolidate.handles(ckpt):
+        consolidate.write_universal(ckpt, tmp)
+        return atomic.publish_dir(tmp, out)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
            "--num_merge_workers", "1"]

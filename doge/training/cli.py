@@ -59,7 +59,7 @@ def start(plan: Plan, dist: Dist) -> Trainer:
             print(note, flush=True)
     barrier()
     engine = build_engine(plan.model_config, plan.ds_config, plan.recipe.weight_decay, plan.recipe.seed,
-                          plan.init_weights, plan.recipe.expert_parallel_size)
+                          plan.init_weights, plan.recipe.expert_parallel_size, plan.upcycle_from)
     if plan.source is not None:
         loaded = load_start(engine, plan, dist)
         plan.source, plan.source_state = loaded, ckpt.TrainerState.read(loaded)
@@ -80,7 +80,8 @@ def open_reporting(trainer: Trainer) -> None:
                                     device_peak_flops(plan.bf16, dist.local_world) * dist.world)
     origin = (f"resumed from {plan.source}" if plan.resumed else
               f"initialised from {plan.source or plan.init_weights}" if plan.source or plan.init_weights
-              else "fresh start")
+              else "fresh start") + (f", upcycled to {plan.model_config.num_experts} experts top-"
+                                     f"{plan.model_config.num_experts_per_tok}" if plan.upcycle_from else "")
     n_params = sum(p.numel() for p in trainer.engine.module.parameters())
     trainer.message(f"{origin} at step {state.step}: {n_params / 1e6:.2f}M params, world {dist.world}, global "
                     f"batch {plan.global_batch} x {recipe.seq_len} tokens, grad accum {plan.grad_accum}, "

@@ -37,18 +37,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_engine(config: DogeConfig, ds_config: dict, weight_decay: float, seed: int, weights: Path | None = None,
-                 expert_parallel_size: int = 1):
-    """A freshly initialised model (seeded), or one holding the HF export `weights`, wrapped in a
+                 expert_parallel_size: int = 1, upcycle_from: DogeConfig | None = None):
+    """A freshly initialised model (seeded), or one holding `weights` (an HF export or a checkpoint;
+    with `upcycle_from`, the weights of that dense model, upcycled to `config`), wrapped in a
     DeepSpeed engine with a fresh optimizer; CDMoE expert tables sharded over `expert_parallel_size`
     ranks (the full model is built on every rank first, so every shard starts as its rows of it)."""
     import deepspeed
 
     from doge.training import expert_parallel
+    from doge.upcycle import upcycle
 
     torch.manual_seed(seed)
-    model = DogeForCausalLM(config)
+    model = DogeForCausalLM(upcycle_from or config)
     if weights is not None:
         load_export_weights(model, weights)
+    if upcycle_from is not None:
+        model = upcycle(model, config)
     expert_parallel.apply(model, expert_parallel_size)
     groups = expert_parallel.optimizer_groups(param_groups(model, weight_decay))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
@@ -56,19 +60,20 @@ def build_engine(config: DogeConfig, ds_config: dict, weight_decay: float, seed:
 
 
 def load_export_weights(model: torch.nn.Module, folder: Path) -> None:
-    """An HF export's model.safetensors into `model` (the tied LM head may be absent from the file)."""
+    """An HF export's model.safetensors, or a checkpoint's full fp32 weights, into `model`."""
     from safetensors.torch import load_file
 
-    missing, unexpected = model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=False)
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"{folder}: weights do not match its config.json: missing {missing}, unexpected "
-                           f"{unexpected}")
+    from doge.export import checkpoint_weights, load_checked
+
+    folder = Path(folder)
+    weights = (checkpoint_weights(folder) if (folder / ckpt.STATE_FILE).is_file()
+               else load_file(str(folder / "model.safetensors")))
+    load_checked(model, weights, folder)
 
 
 def load_start(engine, plan: "Plan", dist: Dist) -> Path:
-    """Load engine state from the plan's checkpoint, through a universal copy when the world size
-    changed; a resume of the same world size also restores each rank's RNG streams. A resumed
+    """Load engine state from the plan's checkpoint, through a universal copy when the world size or
+    the expert-parallel size changed; a resume of the same world size also restores each rank's RNG streams. A resumed
     checkpoint that fails to load is moved to `broken/` and the previous complete one of the same
     world size is tried. Returns the checkpoint loaded."""
     candidates = [plan.source]
@@ -92,7 +97,7 @@ def load_start(engine, plan: "Plan", dist: Dist) -> Path:
 def _try_load(engine, plan: "Plan", source: Path, dist: Dist) -> str | None:
     """Load `source` on every rank; None if every rank succeeded, else what went wrong."""
     load_dir, error = source, None
-    if plan.source_state.world_size != dist.world:
+    if plan.reshard:
         out_root = plan.rundir / ("checkpoints/universal" if plan.resumed else "init-universal")
         if dist.is_main:
             try:

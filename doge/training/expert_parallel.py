@@ -161,6 +161,7 @@ def apply(model: nn.Module, ep_size: int):
     for module in list(model.modules()):
         if isinstance(module, DogeCDMoE):
             ExpertParallelCDMoE.convert(module, ep_size, name, group, group_rank)
+    model.expert_group = group  # read by the loss's router statistics
     return group
 
 

@@ -43,5 +43,5 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor):
     aux = out.aux_loss.detach()
     metrics = {"loss": out.loss.detach() - config.router_aux_loss_coef * aux, "aux_loss": aux,
                **router_statistics(out.router_logits, config.num_experts, config.num_experts_per_tok,
-                                   next((m.ep_group for m in net.modules() if hasattr(m, "ep_group")), None))}
+                                   getattr(net, "expert_group", None))}
     return out.loss, metrics

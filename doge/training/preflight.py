@@ -42,7 +42,9 @@ class Plan:
     source: Path | None  # checkpoint to load: own latest (resume) or --init-from
     source_state: ckpt.TrainerState | None
     resumed: bool
-    init_weights: Path | None = None  # HF export whose weights the fresh model starts from (--model EXPORT)
+    reshard: bool = False  # the source was written at another world size or expert-parallel size
+    init_weights: Path | None = None  # HF export or checkpoint whose weights the fresh model starts from
+    upcycle_from: DogeConfig | None = None  # the dense model of init_weights, turned into model_config's CDMoE
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # incomplete checkpoints, to move aside
     lock_note: str | None = None  # a stale lock taken over
 
@@ -119,13 +121,11 @@ def check_zero_stage(path: str, ds_config: dict, source: Path) -> None:
                           ".json)")
 
 
-def check_expert_parallel(recipe: Recipe, path: str, ds_config: dict, config: DogeConfig, world: int,
-                          source_state: ckpt.TrainerState | None) -> None:
+def check_expert_parallel(recipe: Recipe, path: str, ds_config: dict, config: DogeConfig, world: int) -> None:
     """E > 1 shards each CDMoE layer's expert tables over E ranks (doge.training.expert_parallel): it
     needs CDMoE layers with a multiple of E experts, E dividing the world size, and ZeRO-1/2 without
     offload (ZeRO-3 refuses DeepSpeed's MoE modules; ZeRO-0 and offload do not reduce expert
-    gradients over their group). Sharded checkpoints load only at the same world size and E, and the
-    HF export does not gather shards yet."""
+    gradients over their group)."""
     ep, name = recipe.expert_parallel_size, flag("expert_parallel_size")
     if ep == 1:
         return
@@ -137,11 +137,7 @@ def check_expert_parallel(recipe: Recipe, path: str, ds_config: dict, config: Do
                 (config.is_moe and config.num_experts % ep, f"does not divide num_experts={config.num_experts}"),
                 (zero.get("stage", 0) not in (1, 2) or offload,
                  f"works with ZeRO-1 or ZeRO-2 without offload (ds_configs/zero1.json, ds_configs/zero2.json); "
-                 f"--deepspeed {path} has stage {zero.get('stage', 0)}{' with offload' if offload else ''}"),
-                (recipe.export, "cannot write the HF export of sharded expert tables yet: add --export false"),
-                (source_state is not None and (source_state.world_size, source_state.recipe.get(
-                    "expert_parallel_size", 1)) != (world, ep),
-                 "loads only checkpoints of the same world size and expert-parallel size")]
+                 f"--deepspeed {path} has stage {zero.get('stage', 0)}{' with offload' if offload else ''}")]
     for failed, why in problems:
         if failed:
             raise ConfigError(f"{name} = {ep} {why} (or use --expert-parallel-size 1)")
@@ -172,6 +168,55 @@ def model_config(recipe: Recipe, source_state: ckpt.TrainerState | None) -> Doge
     return config
 
 
+@dataclass
+class Start:
+    """Where a run's model comes from: a checkpoint to load (`source`), or fresh weights (a preset,
+    an export, or a dense model to upcycle), and the model it trains."""
+
+    source: Path | None
+    source_state: ckpt.TrainerState | None
+    resumed: bool
+    config: DogeConfig
+    init_weights: Path | None
+    upcycle_from: DogeConfig | None
+    skipped: list
+
+
+def start_point(rundir: Path, recipe: Recipe, ds_path: str, ds_config: dict) -> Start:
+    source, source_state, skipped = resolve_start(rundir, recipe)
+    resumed = source is not None and source.parent == rundir / "checkpoints"
+    if (recipe.upcycle_experts or recipe.upcycle_top_k) and not resumed:  # a resume holds the CDMoE model
+        init_weights, dense, config = upcycle_start(recipe, source, source_state)
+        config.router_aux_loss_coef = recipe.aux_loss_weight
+        return Start(None, None, False, config, init_weights, dense, skipped)
+    if source is not None:
+        check_zero_stage(ds_path, ds_config, source)
+    return Start(source, source_state, resumed, model_config(recipe, source_state),
+                 None if source else export_folder(recipe), None, skipped)
+
+
+def upcycle_start(recipe: Recipe, source: Path | None, source_state: ckpt.TrainerState | None
+                  ) -> tuple[Path, DogeConfig, DogeConfig]:
+    """A new upcycled run: (dense weights folder, dense config, CDMoE config). The dense start is
+    --init-from / a --model checkpoint (only its weights are used: the optimizer starts fresh for
+    the new parameters) or a --model export."""
+    from doge.upcycle import upcycled_config
+
+    if (recipe.upcycle_experts is None) != (recipe.upcycle_top_k is None):
+        raise ConfigError("--upcycle-experts and --upcycle-top-k go together: give both (e.g. 1024 and 16 for "
+                          "doge-20m) or neither")
+    folder = source or export_folder(recipe)
+    if folder is None:
+        raise ConfigError(f"--upcycle-experts needs a trained dense model to start from: --model {recipe.model} is "
+                          "a preset; pass --model EXPORT (e.g. RUNDIR/final) or --init-from CHECKPOINT")
+    dense = DogeConfig(**source_state.model_config) if source_state else DogeConfig.from_pretrained(folder)
+    try:
+        return folder, dense, upcycled_config(dense, recipe.upcycle_experts, recipe.upcycle_top_k)
+    except ValueError as err:
+        raise ConfigError(f"--upcycle-experts {recipe.upcycle_experts} --upcycle-top-k {recipe.upcycle_top_k} "
+                          f"with {folder}: {err}") from err
+
+
 def deepspeed_config(path: str, recipe: Recipe, global_batch: int, grad_accum: int, world: int,
                      bf16: bool) -> dict:
     try:
@@ -193,19 +238,18 @@ def preflight(args: argparse.Namespace, recipe: Recipe, objective_cls: type[Obje
     global_batch, grad_accum = batch_geometry(recipe, world)
     bf16 = use_bf16(recipe.precision)
     ds_config = deepspeed_config(args.deepspeed, recipe, global_batch, grad_accum, world, bf16)
-    source, source_state, skipped = resolve_start(rundir, recipe)
-    if source is not None:
-        check_zero_stage(args.deepspeed, ds_config, source)
-    resumed = source is not None and source.parent == rundir / "checkpoints"
-    config = model_config(recipe, source_state)
-    check_expert_parallel(recipe, args.deepspeed, ds_config, config, world, source_state)
+    start = start_point(rundir, recipe, args.deepspeed, ds_config)
+    source, source_state, resumed, config = start.source, start.source_state, start.resumed, start.config
+    check_expert_parallel(recipe, args.deepspeed, ds_config, config, world)
     objective = objective_cls.open(args.data, recipe, config, source_state, resumed)
     if recipe.epochs is not None:
         recipe.max_steps = max(1, math.ceil(recipe.epochs * objective.samples_per_epoch() / global_batch))
         schedule = schedule_of(recipe)
-    if source is not None and source_state.world_size != world:
+    reshard = source is not None and (source_state.world_size, source_state.recipe.get(
+        "expert_parallel_size", 1)) != (world, recipe.expert_parallel_size)
+    if reshard:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     return Plan(recipe, rundir, world, config, objective, schedule, global_batch, grad_accum, ds_config, bf16,
-                source, source_state, resumed, None if source else export_folder(recipe), skipped,
+                source, source_state, resumed, reshard, start.init_weights, start.upcycle_from, start.skipped,
                 runlock.acquire(rundir) if main_rank else None)
 

@@ -66,6 +66,13 @@ class Recipe:
                                 "measured ~6x slower)", choices=PRECISIONS)
     expert_parallel_size: int = _f(1, "ranks that share each CDMoE layer's expert tables, each holding 1/E of the "
                                       "rows (E divides the world size; ZeRO-1/2 without offload)", low=1)
+    upcycle_experts: typing.Optional[int] = _f(None, "turn the dense start model (--model EXPORT or checkpoint, "
+                                                     "--init-from) into CDMoE with this many experts (a perfect "
+                                                     "square; published: 1024 for doge-20m, 4096 for 60m, 9216 "
+                                                     "for 160m): its MLPs become the shared experts, the routed "
+                                                     "output starts at zero, the optimizer starts fresh", low=1)
+    upcycle_top_k: typing.Optional[int] = _f(None, "experts per token of the upcycled model (published: 16, 32, "
+                                                   "48 for 20m, 60m, 160m); needs --upcycle-experts", low=1)
     aux_loss_weight: float = _f(0.001, "weight of the CDMoE load-balancing loss added to the training loss "
                                        "(CDMoE models only)", low=0.0)
     seed: int = _f(0, "seed for weights init and the data order", low=0)
