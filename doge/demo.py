@@ -1,7 +1,12 @@
 """The one-command demo: corpus -> tokenizer -> shards -> DeepSpeed ZeRO-2 pre-training of the tiny
-preset on 2 CPU processes -> HF export -> a generated sample. No network needed.
+preset on 2 CPU processes -> HF export -> a generated sample [-> the evaluation table]. No network needed.
 
-    python -m doge.demo [--workdir runs/demo] [--FIELD VALUE]...   # extra flags go to doge/train.py
+    python -m doge.demo [--workdir runs/demo] [--evaluate] [--FIELD VALUE]...   # extra flags go to doge/train.py
+
+With --evaluate (or --eval-limit N) it then runs `python -m doge.evaluate --model WORKDIR/run/final`
+on the local lm-eval tasks (five-shot, as the Doge cards) and writes the table to
+WORKDIR/run/eval/results.{md,json}; the evaluation files are $DOGE_EVAL_DATA, else
+../shared/data/eval, checked before training starts.
 
 The corpus is ../shared/data/pretrain when present, else text that ships with Python itself
 (the stdlib's documentation topics and source). Rerunning resumes or reuses what is finished.
@@ -52,11 +57,38 @@ def sample(final: Path) -> str:
     return tok.decode(out[0], skip_special_tokens=True)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def evaluate_cmd(final: Path, limit: int | None) -> list[str]:
+    """The evaluation step, also printed as the one-liner when the demo runs without it."""
+    return [sys.executable, "-m", "doge.evaluate", "--model", str(final), *(["--limit", str(limit)] if limit else [])]
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    """The demo's own flags; the rest go to doge/train.py (no abbreviations: a trainer flag's prefix
+    must not be taken for a demo flag)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--workdir", default=str(REPO / "runs" / "demo"), help="where everything is written")
     parser.add_argument("--ranks", type=int, default=2, help="DeepSpeed processes (default 2)")
+    parser.add_argument("--evaluate", action="store_true", help="after the export, write its evaluation table "
+                        "(python -m doge.evaluate on the local tasks) to WORKDIR/run/eval/results.{md,json}")
+    parser.add_argument("--eval-limit", type=int, metavar="N", help="evaluate (implies --evaluate) on only the "
+                        "first N items of each task (MMLU: of each subject); default: every item")
     args, train_flags = parser.parse_known_args(argv)
+    if args.eval_limit is not None and args.eval_limit < 1:
+        parser.error(f"--eval-limit {args.eval_limit}: give a number of items of at least 1")
+    args.evaluate = args.evaluate or args.eval_limit is not None
+    return args, train_flags
+
+
+def main(argv=None) -> int:
+    args, train_flags = parse_args(argv)
+    if args.evaluate:
+        from doge.eval_tasks.local_data import data_dir
+
+        if not data_dir().is_dir():
+            print(f"error: --evaluate: no evaluation data folder {data_dir()}; set DOGE_EVAL_DATA to the folder "
+                  "of the local evaluation files (arc_easy.jsonl, ..., mmlu/)", file=sys.stderr)
+            return 2
     work, started = Path(args.workdir).resolve(), time.time()
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
@@ -75,7 +107,12 @@ def main(argv=None) -> int:
          ["deepspeed", "--num_gpus", str(args.ranks), "doge/train.py", "--deepspeed", "ds_configs/zero2.json",
           "--recipe", "recipes/doge-tiny.yaml", "--data", str(work / "data"), "--output", str(work / "run"),
           *train_flags], env)
-    print(f"\n=== sample from {work / 'run' / 'final'}\n{sample(work / 'run' / 'final')}")
+    final = work / "run" / "final"
+    print(f"\n=== sample from {final}\n{sample(final)}")
+    if args.evaluate:
+        step("evaluate the export on the local lm-eval tasks", evaluate_cmd(final, args.eval_limit), env)
+    else:
+        print(f"\nevaluation table (or rerun the demo with --evaluate): {' '.join(evaluate_cmd(final, None))}")
     print(f"\ndemo finished in {time.time() - started:.0f} s; loss curve: {work / 'run' / 'loss.png'}")
     return 0
 

@@ -151,6 +151,25 @@ def test_local_tasks_equal_log_likelihood_scoring_by_hand():
     assert record["table"]["MMLU"] == {"task": "mmlu_local", "value": pytest.approx(mmlu, abs=1e-9)}
 
 
+def checked_table(out: h.Path) -> dict[str, str]:
+    """OUT/results.md's row as column -> cell, checked against OUT/results.json: the header in the
+    Doge cards' order, every local task filling its column with that column's metric as lm-eval
+    reported it (in percent in the row), '-' where only a hub task could fill the column."""
+    record = json.loads((out / "results.json").read_text())
+    head, _, row = (out / "results.md").read_text().splitlines()[:3]
+    assert head == "| model | " + " | ".join(f"{column} ({metric})" for column, metric, _ in COLUMNS) + " |"
+    cells = dict(zip([column for column, _, _ in COLUMNS], [c.strip() for c in row.strip("|").split("|")][1:]))
+    for column, metric, tasks in COLUMNS:
+        local = [task for task in tasks if task in LOCAL_TASKS]
+        entry = record["table"][column]
+        if not local:
+            assert entry is None and cells[column] == "-", (column, row)
+            continue
+        assert entry["task"] == local[0] and entry["value"] == record["results"][local[0]][f"{metric},none"]
+        assert 0 <= entry["value"] <= 1 and cells[column] == f"{100 * entry['value']:.1f}", (column, row)
+    return cells
+
+
 @pytest.mark.slow
 def test_one_command_evaluates_a_trained_export():
     """The table of a trainer-made export (the harness's 24-step 2-rank run), five-shot as the cards."""
@@ -158,13 +177,8 @@ def test_one_command_evaluates_a_trained_export():
     out = h.BASE / "eval-reference"
     done = h.run([sys.executable, "-m", "doge.evaluate", "--model", str(h.reference_run() / "final"), "--limit", "4",
                   "--output", str(out)])
-    table = (out / "results.md").read_text()
-    assert table in done.stdout
-    head, _, row = table.splitlines()[:3]
-    assert head == "| model | " + " | ".join(f"{column} ({metric})" for column, metric, _ in COLUMNS) + " |"
-    cells = [c.strip() for c in row.strip("|").split("|")][1:]
-    filled = [c for c, (column, _, _) in zip(cells, COLUMNS) if column not in ("TriviaQA", "HellaSwag")]
-    assert cells[1] == cells[5] == "-" and all(0 <= float(c) <= 100 for c in filled), row
+    assert (out / "results.md").read_text() in done.stdout
+    checked_table(out)
     assert json.loads((out / "results.json").read_text())["num_fewshot"] == 5
 
 

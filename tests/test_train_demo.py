@@ -1,9 +1,11 @@
-"""The demo command (shortened) runs end to end and prints a sample from the export;
-and without ../shared it still finds a corpus in Python's own documentation and source."""
+"""The demo command (shortened) runs end to end, prints a sample from the export and, with
+--eval-limit, writes the export's evaluation table; without ../shared it still finds a corpus in
+Python's own documentation and source."""
 import sys
 
 import pytest
 import train_harness as h
+from test_evaluate import EVAL, checked_table
 
 from doge.demo import build_corpus
 
@@ -13,12 +15,23 @@ def test_corpus_falls_back_to_python_stdlib(tmp_path):
     assert len(files) == 2 and all(h.Path(f).stat().st_size > 400_000 for f in files)
 
 
+def test_evaluate_without_data_stops_before_training(tmp_path):
+    done = h.run([sys.executable, "-m", "doge.demo", "--workdir", str(tmp_path / "demo"), "--evaluate"], 2,
+                 DOGE_EVAL_DATA=str(tmp_path / "absent"))
+    assert done.stderr.startswith("error: --evaluate: no evaluation data folder") and "DOGE_EVAL_DATA" in done.stderr
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_shortened():
+    """The one command of the README (`python -m doge.demo --evaluate`), shortened: 20 training steps
+    and the first 2 items of each evaluation task."""
     h.require_shared_data()
+    if not EVAL.is_dir():
+        pytest.skip(f"{EVAL} is absent: the demo's evaluation table needs the shared evaluation files")
     h._make_base()
     work = h.BASE / "demo"
-    done = h.run([sys.executable, "-m", "doge.demo", "--workdir", str(work), "--max-steps", "20",
+    done = h.run([sys.executable, "-m", "doge.demo", "--workdir", str(work), "--eval-limit", "2", "--max-steps", "20",
                   "--warmup-steps", "2", "--decay-steps", "5", "--save-interval", "10", "--eval-interval", "10"],
                  timeout=900)
     assert "=== sample from" in done.stdout and "demo finished" in done.stdout
@@ -29,3 +42,6 @@ def test_demo_end_to_end_shortened():
     final = work / "run" / "final"
     assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
     assert (work / "run" / "loss.png").stat().st_size > 10_000
+    table = (work / "run" / "eval" / "results.md").read_text()
+    assert table in done.stdout and "5-shot, first 2 items per task" in table
+    checked_table(work / "run" / "eval")
