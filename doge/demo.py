@@ -74,21 +74,29 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--eval-limit", type=int, metavar="N", help="evaluate (implies --evaluate) on only the "
                         "first N items of each task (MMLU: of each subject); default: every item")
     args, train_flags = parser.parse_known_args(argv)
-    if args.eval_limit is not None and args.eval_limit < 1:
-        parser.error(f"--eval-limit {args.eval_limit}: give a number of items of at least 1")
     args.evaluate = args.evaluate or args.eval_limit is not None
     return args, train_flags
 
 
-def main(argv=None) -> int:
-    args, train_flags = parse_args(argv)
+def evaluation_problem(args: argparse.Namespace) -> str | None:
+    """Why the requested evaluation could not run, found before the minutes of training, not after."""
+    if args.eval_limit is not None and args.eval_limit < 1:
+        return f"--eval-limit {args.eval_limit}: give a number of items of at least 1"
     if args.evaluate:
         from doge.eval_tasks.local_data import data_dir
 
         if not data_dir().is_dir():
-            print(f"error: --evaluate: no evaluation data folder {data_dir()}; set DOGE_EVAL_DATA to the folder "
-                  "of the local evaluation files (arc_easy.jsonl, ..., mmlu/)", file=sys.stderr)
-            return 2
+            return (f"--evaluate: no evaluation data folder {data_dir()}; set DOGE_EVAL_DATA to the folder of "
+                    "the local evaluation files (arc_easy.jsonl, ..., mmlu/)")
+    return None
+
+
+def main(argv=None) -> int:
+    args, train_flags = parse_args(argv)
+    problem = evaluation_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     work, started = Path(args.workdir).resolve(), time.time()
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),

@@ -33,14 +33,16 @@ COLUMNS = (("MMLU", "acc", ("mmlu_local", "mmlu")), ("TriviaQA", "exact_match", 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="EXPORT", help="HF export folder (model + tokenizer)")
-    p.add_argument("--tasks", default=",".join(LOCAL_TASKS), help="comma-separated lm-eval task names "
-                   "(default: the six local tasks)")
-    p.add_argument("--num-fewshot", type=int, default=5, help="shots per prompt (default 5, as the Doge cards)")
-    p.add_argument("--limit", type=int, help="score only the first N items of each task (MMLU: of each subject)")
-    p.add_argument("--output", help="results folder (default: EXPORT/../eval)")
-    p.add_argument("--data", help="folder of the local evaluation files (default: $DOGE_EVAL_DATA, else "
+    p.add_argument("--tasks", metavar="TASK,...", default=",".join(LOCAL_TASKS),
+                   help="comma-separated lm-eval task names (default: the six local tasks)")
+    p.add_argument("--num-fewshot", type=int, default=5, metavar="K",
+                   help="shots per prompt (default 5, as the Doge cards)")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="score only the first N items of each task (MMLU: of each subject)")
+    p.add_argument("--output", metavar="DIR", help="results folder (default: EXPORT/../eval)")
+    p.add_argument("--data", metavar="DIR", help="folder of the local evaluation files (default: $DOGE_EVAL_DATA, else "
                    "shared/data/eval beside the checkout)")
-    p.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="lm-eval batch size (default 16)")
     return p.parse_args(argv)
 
 
@@ -91,6 +93,11 @@ def main(argv=None) -> int:
     if not (Path(args.model) / "config.json").is_file():
         print(f"error: --model {args.model}: not an export folder (no config.json)", file=sys.stderr)
         return 2
+    for flag, value, least in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                               ("--num-fewshot", args.num_fewshot, 0)):
+        if value is not None and value < least:
+            print(f"error: {flag} {value}: give a number of at least {least}", file=sys.stderr)
+            return 2
     out = Path(args.output or Path(args.model).resolve().parent / "eval")
     try:
         results = evaluate(args.model, args.tasks.split(","), args.num_fewshot, args.limit, args.batch_size)

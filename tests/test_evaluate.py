@@ -182,6 +182,14 @@ def test_one_command_evaluates_a_trained_export():
     assert json.loads((out / "results.json").read_text())["num_fewshot"] == 5
 
 
+@pytest.mark.parametrize("flag, value, least", [("--limit", "0", 1), ("--batch-size", "0", 1),
+                                                ("--num-fewshot", "-1", 0)])
+def test_a_count_out_of_range_is_one_error_line(tmp_path, flag, value, least):
+    (tmp_path / "config.json").write_text("{}")
+    done = h.run([sys.executable, "-m", "doge.evaluate", "--model", str(tmp_path), flag, value], 2)
+    assert done.stderr == f"error: {flag} {value}: give a number of at least {least}\n"
+
+
 def test_table_takes_each_column_from_its_task_and_metric():
     """Local and hub task names fill the same column with the metric the Doge cards report."""
     results = {"mmlu": {"acc,none": 0.25, "acc_stderr,none": 0.01},
