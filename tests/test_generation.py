@@ -50,3 +50,33 @@ def test_decoder_samples_reproducibly():
     draw = [Decoder(model).generate(prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(3))
             for _ in range(2)]
     assert torch.equal(draw[0], draw[1])
+
+
+def test_compiled_step_matches_eager_step():
+    """compile=True: the single-token steps run as the torch.compile'd static step (it must really
+    compile, not fall back) and give the eager step's tokens and, to float32 rounding, its logits."""
+    torch.manual_seed(23)
+    model = DogeForCausalLM(tiny_config()).eval()
+    randomize_extras(model, seed=23)
+    prompt = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(23))
+    eager, compiled = Decoder(model, static=False), Decoder(model, static=False, compile=True)
+    path = eager.generate(prompt, 20)
+    assert torch.equal(compiled.generate(prompt, 20), path)
+    assert compiled.compiled.compiled is not None and compiled.compile_seconds > 0
+    torch.testing.assert_close(compiled.forced_logits(path, 12), eager.forced_logits(path, 12), atol=1e-4, rtol=1e-4)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    torch.manual_seed(24)
+    model = DogeForCausalLM(tiny_config()).eval()
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(24))
+    decoder = Decoder(model, static=False, compile=True)
+    with pytest.warns(RuntimeWarning, match="decoding eagerly: RuntimeError: no C\\+\\+ compiler"):
+        out = decoder.generate(prompt, 8)
+    assert torch.equal(out, Decoder(model, static=False).generate(prompt, 8)) and decoder.compile_seconds == 0

@@ -14,17 +14,30 @@ costs one graph launch instead of hundreds of kernel launches from Python (decod
 on a GPU is launch-bound). `Decoder(model, static="auto")` does this on CUDA; `static=True` runs
 the same step without a graph anywhere (how CPU tests check it gives the same tokens).
 
+On a CPU the eager step is bound by op dispatch (tens of small ops per layer, microseconds each),
+not by weight bytes. `Decoder(model, compile=True)` runs each single-token step as the static step
+compiled by torch.compile (inductor: the norms, rotary, bias and cache writes fuse into a few C++
+kernels), with the LM head left outside the graph so it can be a packed low-bit kernel. Compiling
+costs tens of seconds once per (batch, cache size), so the cache is sized in multiples of
+COMPILE_SLOTS positions; `compile_seconds` reports the time spent. Where compiling fails (no C
+compiler, an unsupported op) the Decoder warns once and stays eager.
+
 `Decoder(model, weights="fp16" | "int8")` keeps the dense linear weights and the LM head in fewer
 bytes for CPU decoding (`doge.model.lowbit`): batch-1 decoding reads every weight once per token.
+The fbgemm kernels are not traceable, so a compiled step keeps the layers' linears in float32
+(for doge-20m they all are anyway: too small for the low-bit kernels to pay off).
 Weights are fused and packed when the Decoder is built; build a new one after changing the model.
 """
 from __future__ import annotations
+
+import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from doge.model.dma import dma_attention, dynamic_bias
-from doge.model.lowbit import packed_linear
+from doge.model.lowbit import PackedLinear
 from doge.model.modeling import DogeForCausalLM
 
 
@@ -35,24 +48,26 @@ class _Weights:
 
     def __init__(self, layer, weights: str):
         attn, mlp = layer.self_attn, layer.mlp
+        dense = not hasattr(mlp, "router_gate")
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj] + \
+            ([mlp.gate_proj, mlp.up_proj, mlp.down_proj] if dense else [])
+        if any(linear.bias is not None for linear in linears):
+            raise NotImplementedError("Decoder supports attention_bias=False and mlp_bias=False (every Doge preset)")
+        self.replaced = [linear.weight for linear in linears]
         self.mlp, self.eps, self.head_dim = mlp, attn.q_norm.eps, attn.head_dim
         self.heads = attn.q_proj.out_features // attn.head_dim
         self.kv_heads = attn.k_proj.out_features // attn.head_dim
         self.scaling, self.keep_window = attn.scaling, attn.keep_window_size
-        self.qkv = packed_linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), weights)
-        self.o_proj = packed_linear(attn.o_proj.weight, weights)
+        self.qkv = PackedLinear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), weights)
+        self.o_proj = PackedLinear(attn.o_proj.weight, weights)
         self.qk_norm = torch.cat([attn.q_norm.weight.expand(self.heads, -1),
                                   attn.k_norm.weight.expand(self.kv_heads, -1)])
         self.dt_proj, self.A = attn.dt_proj, attn.A
         self.input_norm, self.post_norm = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
         self.input_residual, self.post_residual = layer.input_residual, layer.post_attention_residual
-        dense = not hasattr(mlp, "router_gate")
-        self.gate_up = packed_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), weights) if dense else None
-        self.down = packed_linear(mlp.down_proj.weight, weights) if dense else None
-        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj] + \
-            ([mlp.gate_proj, mlp.up_proj, mlp.down_proj] if dense else [])
-        if any(linear.bias is not None for linear in linears):
-            raise NotImplementedError("Decoder supports attention_bias=False and mlp_bias=False (every Doge preset)")
+        self.gate_up = PackedLinear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), weights) if dense else None
+        self.down = PackedLinear(mlp.down_proj.weight, weights) if dense else None
+        self.linears = [self.qkv, self.o_proj] + ([self.gate_up, self.down] if dense else [])
 
     def mlp_out(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is None:
@@ -76,6 +91,7 @@ class _Layer:
 
 
 EOS_CHECK_EVERY = 16  # static decoding reads the tokens back (a device sync) this often to stop at EOS
+COMPILE_SLOTS = 256  # a compiled step's cache holds a multiple of this many positions (one compile each)
 
 
 class Decoder:
@@ -84,9 +100,11 @@ class Decoder:
     static: "auto" (static step + CUDA graph for greedy decoding on CUDA when it fits the window),
     True (static step wherever it fits, no graph off CUDA) or False (always the eager step).
     weights: "fp32" (as the model holds them), "fp16" or "int8" (CPU, float32 model; see lowbit).
+    compile: run single-token steps inside the window as the torch.compile'd static step.
     """
 
-    def __init__(self, model: DogeForCausalLM, static: bool | str = "auto", weights: str = "fp32"):
+    def __init__(self, model: DogeForCausalLM, static: bool | str = "auto", weights: str = "fp32",
+                 compile: bool = False):
         if static not in (True, False, "auto"):
             raise ValueError(f"static={static!r}: choose True, False or 'auto'")
         self.model = model.eval()
@@ -94,10 +112,25 @@ class Decoder:
         self.dtype = model.dtype
         self.static = static
         with torch.no_grad():
-            self.layer_weights = [_Weights(layer, weights) for layer in model.model.layers]
-            self.lm_head = packed_linear(model.lm_head.weight, weights)
+            self.layer_weights = [_Weights(layer, "fp32" if compile else weights) for layer in model.model.layers]
+            self.lm_head = PackedLinear(model.lm_head.weight, weights)
         self.embed, self.norm = model.model.embed_tokens.weight, model.model.norm.weight
         self.eps = model.model.norm.eps
+        self.compiled = _Compiled(self._static_body) if compile else None
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling the step so far (0 when not compiling)."""
+        return self.compiled.seconds if self.compiled else 0.0
+
+    def bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads: the linears as stored, every other parameter as the
+        model holds it, except the input embedding, of which a step reads one row per token (tied,
+        that matrix is the LM head and counted as such)."""
+        linears = [linear for w in self.layer_weights for linear in w.linears] + [self.lm_head]
+        replaced = {id(p) for w in self.layer_weights for p in w.replaced} | {id(self.model.lm_head.weight)}
+        rest = [p for p in self.model.parameters() if id(p) not in replaced and p is not self.embed]
+        return sum(linear.nbytes for linear in linears) + sum(p.nbytes for p in rest)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -135,8 +168,12 @@ class Decoder:
         return torch.stack(steps, dim=1).float()
 
     def _prefill(self, input_ids: torch.Tensor, capacity: int):
-        """Cache buffers for `capacity` positions, filled with the prompt; the last prompt logits."""
-        cache = _Cache(self, input_ids.shape[0], capacity, input_ids.device)
+        """Cache buffers for `capacity` positions (compiled: rounded up to COMPILE_SLOTS, within
+        the window), filled with the prompt; the last prompt logits."""
+        slots = capacity
+        if self.compiled and capacity <= self.config.keep_window_size:
+            slots = min(-(-capacity // COMPILE_SLOTS) * COMPILE_SLOTS, self.config.keep_window_size)
+        cache = _Cache(self, input_ids.shape[0], slots, input_ids.device)
         return cache, self._step(cache, input_ids, 0)
 
     def _tokens(self, cache, logits, prompt_len: int, capacity: int, temperature, eos_token_id, generator):
@@ -163,17 +200,27 @@ class Decoder:
         """Run `ids` (B, n) at positions start..start+n-1; return the last position's logits. One
         token reads its rope row from the table; several get one rotary call, as the model's forward."""
         stop = start + ids.shape[1]
+        if ids.shape[1] == 1 and self.compiled and cache.static:
+            return self.lm_head(self.compiled(cache, ids, torch.tensor([start], device=ids.device)))
         if ids.shape[1] == 1:
             cos, sin = cache.cos[start:stop], cache.sin[start:stop]
         else:
             cos, sin = _rope(self.model.model.rotary_emb, torch.arange(start, stop, device=ids.device), self.dtype)
-        return self._forward(cache, ids, cos, sin, slice(start, stop), None)
+        return self.lm_head(self._hidden(cache, ids, cos, sin, slice(start, stop), None))
 
-    def _forward(self, cache, ids, cos, sin, at, key_mask):
+    def _hidden(self, cache, ids, cos, sin, at, key_mask):
+        """The last position's final hidden state, normed (what the LM head reads)."""
         h = F.embedding(ids, self.embed)
         for state in cache.layers:
             h = _layer(state, h, cos, sin, at, key_mask)
-        return self.lm_head(_rms_norm(h[:, -1], self.norm, self.eps))
+        return _rms_norm(h[:, -1], self.norm, self.eps)
+
+    def _static_body(self, cache, token, pos):
+        """`_hidden` for one token per row at position `pos`, a (1,) tensor, attending to the whole
+        cache under a causal mask: fixed shapes, what CUDA graphs and torch.compile take."""
+        cos, sin = cache.cos.index_select(0, pos), cache.sin.index_select(0, pos)
+        key_mask = (cache.positions <= pos).expand(token.shape[0], -1)
+        return self._hidden(cache, token, cos, sin, pos, key_mask)
 
     def _use_static(self, capacity: int, device) -> bool:
         """The static step needs every position inside the window."""
@@ -188,12 +235,9 @@ class Decoder:
         out[:, prompt_len] = first
         pos = torch.tensor([prompt_len], device=device)
         token = first[:, None].clone()
-        positions = torch.arange(capacity, device=device)
 
         def step():
-            cos, sin = cache.cos.index_select(0, pos), cache.sin.index_select(0, pos)
-            key_mask = (positions <= pos).expand(batch, capacity)
-            nxt = self._forward(cache, token, cos, sin, pos, key_mask).argmax(-1)
+            nxt = self.lm_head(self._static_body(cache, token, pos)).argmax(-1)
             out.index_copy_(1, pos + 1, nxt[:, None])
             token.copy_(nxt[:, None])
             pos.add_(1)
@@ -219,10 +263,37 @@ class _Cache:
 
     def __init__(self, decoder: Decoder, batch: int, capacity: int, device):
         self.layers = [_Layer(w, batch, capacity, decoder.dtype, device) for w in decoder.layer_weights]
-        rotary, positions = decoder.model.model.rotary_emb, torch.arange(capacity, device=device)
+        self.static = capacity <= decoder.config.keep_window_size  # the static step can attend to it all
+        rotary = decoder.model.model.rotary_emb
+        self.positions = positions = torch.arange(capacity, device=device)
         rows = [positions] if rotary.rope_type == "default" else positions.split(1)
         tables = [_rope(rotary, p, decoder.dtype) for p in rows]
         self.cos, self.sin = (torch.cat(t) for t in zip(*tables))
+
+
+class _Compiled:
+    """The static step compiled by torch.compile, one graph per (batch, cache size); the first call
+    of each compiles it and is timed. Falls back to the eager step for good when compiling fails."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn, fullgraph=True, dynamic=False)
+        self.seconds, self.shapes = 0.0, set()
+
+    def __call__(self, cache, token, pos):
+        if self.compiled is None:
+            return self.fn(cache, token, pos)
+        shape, start = (tuple(token.shape), len(cache.positions)), time.perf_counter()
+        try:
+            out = self.compiled(cache, token, pos)
+        except Exception as err:  # whatever the compiler raised: decode eagerly instead
+            warnings.warn(f"torch.compile of the decode step failed, decoding eagerly: {type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}", RuntimeWarning)
+            self.compiled = None
+            return self.fn(cache, token, pos)
+        if shape not in self.shapes:
+            self.shapes.add(shape)
+            self.seconds += time.perf_counter() - start
+        return out
 
 
 def _rope(rotary, positions: torch.Tensor, dtype):

@@ -2,7 +2,7 @@
 
 Batch-1 decoding reads every weight once per token, so on a CPU its speed is set by weight bytes
 over memory bandwidth (doge-20m in float32: 52 MB per token, 34 MB of them the tied LM head).
-`packed_linear` keeps a weight in one of three forms, each computing `x @ weight.T` for float32
+`PackedLinear` keeps a weight in one of three forms, each computing `x @ weight.T` for float32
 `x` and returning float32:
 
 - "fp32": the weight as the model holds it (`F.linear`; float32 unless the model was cast).
@@ -13,23 +13,47 @@ over memory bandwidth (doge-20m in float32: 52 MB per token, 34 MB of them the t
   quantised per call to uint8 with its own range (fbgemm dynamic quantisation, int32 accumulation,
   float32 output). The fastest, and the least exact: see the agreement figures in the README.
 
-These are fbgemm kernels (x86 CPUs), so reduced precision is a CPU option.
+These are fbgemm kernels (x86 CPUs), so reduced precision is a CPU option. A call costs them
+~20 us whatever the size (the input is quantised or converted, the output requantised), about what
+a float32 GEMV of 2**19 weights costs on a 2-core Xeon; smaller weights (doge-20m's layer linears,
+the o_proj of doge-60m) therefore stay float32 in every format: `stored_format` says which.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 WEIGHT_FORMATS = ("fp32", "fp16", "int8")
+BYTES = {"fp16": 2, "int8": 1}
+MIN_PACKED = 2**19  # weights with fewer elements stay float32 (see above)
 
 
-def packed_linear(weight: torch.Tensor, fmt: str):
-    """A function `x -> x @ weight.T` (float32 in and out) with the weight stored as `fmt`."""
-    if fmt not in WEIGHT_FORMATS:
-        raise ValueError(f"weights={fmt!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
-    weight = weight.detach()
+def stored_format(shape: tuple[int, ...], fmt: str) -> str:
+    """The format a weight of `shape` is kept in when `fmt` is asked for."""
+    return fmt if math.prod(shape) >= MIN_PACKED else "fp32"
+
+
+class PackedLinear:
+    """`x -> x @ weight.T` (float32 in and out) with the weight stored as `stored_format` gives;
+    `nbytes` is what one call reads (int8: the weight and a float32 scale per row)."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str):
+        if fmt not in WEIGHT_FORMATS:
+            raise ValueError(f"weights={fmt!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
+        weight = weight.detach()
+        self.format = stored_format(weight.shape, fmt)
+        self.nbytes = weight.numel() * (weight.element_size() if self.format == "fp32" else BYTES[self.format])
+        self.nbytes += weight.shape[0] * 4 if self.format == "int8" else 0
+        self.forward = _kernel(weight, self.format)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+
+def _kernel(weight: torch.Tensor, fmt: str):
     if fmt == "fp32":
         return lambda x: F.linear(x, weight)
     weight = weight.float()
