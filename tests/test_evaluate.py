@@ -130,8 +130,8 @@ def test_local_tasks_equal_log_likelihood_scoring_by_hand():
     """The default task set as `doge.evaluate` runs it, MMLU as lm-eval reports it: the `mmlu_local`
     group over every subject of the local files, 20 items each (--limit counts per subject), its
     size-weighted acc and the table's MMLU cell, plus each subject's own acc. Measured here (2-core
-    CPU shared with other jobs): 60 s of CPU, 2 min 10 s wall, for all 57 subjects, so the test
-    covers every subject rather than the aggregate of a sample."""
+    CPU shared with other jobs): about 60 s of CPU, 1.5 to 2 min wall, for all 57 subjects, so the
+    test covers every subject rather than the aggregate of a sample."""
     require_eval_data()
     export, out = tiny_export(), h.BASE / "eval-tiny-results"
     h.run([sys.executable, "-m", "doge.evaluate", "--model", str(export), "--num-fewshot", "0", "--limit", str(LIMIT),
