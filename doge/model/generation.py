@@ -325,16 +325,18 @@ def _layer(state: _Layer, h, cos, sin, at, key_mask):
 
 
 def _write(state: _Layer, k, v, bias, at) -> None:
-    """Store keys and values (B, Hkv, L, D) and biases (B, Hkv, L) at positions `at` (folded form)."""
+    """Store keys and values (B, Hkv, L, D) and biases (B, Hkv, L) at positions `at` (folded form).
+    A position tensor (static step) gets whole folded rows copied into the buffers themselves: a
+    compiled graph then scatters in place, where writing through a view copies the whole buffer."""
     dim = state.weights.head_dim
     if isinstance(at, slice):
         state.keys[:, :, at, :dim] = k
         state.keys[:, :, at, dim] = bias
         state.values[:, :, at, :dim] = v
         return
-    state.keys[..., :dim].index_copy_(2, at, k)
-    state.keys[..., dim].index_copy_(2, at, bias)
-    state.values[..., :dim].index_copy_(2, at, v)
+    pad = state.keys.shape[-1] - dim
+    state.keys.index_copy_(2, at, F.pad(torch.cat([k, bias[..., None]], dim=-1), (0, pad - 1)))
+    state.values.index_copy_(2, at, F.pad(v, (0, pad)))
 
 
 def _attend(state: _Layer, q, at, key_mask) -> torch.Tensor:
@@ -342,17 +344,23 @@ def _attend(state: _Layer, q, at, key_mask) -> torch.Tensor:
 
     One query per row inside the window (every decode step): `dma_attention`'s single-query branch
     on the folded tensors it would build, with the query heads grouped under their KV head (the
-    cache is not repeated per head) and the fold constant already in the query buffer. Otherwise
-    (prompt, sparse window) `dma_attention` itself, on views of the folded cache."""
+    cache is not repeated per head) and the fold constant already in the query buffer. The static
+    step (the whole cache under `key_mask`) spells that attention out, softmax(q.k * scaling) v:
+    compiled, it fuses into a few loops, cheaper at one query than a fused attention kernel.
+    Otherwise (prompt, sparse window) `dma_attention` itself, on views of the folded cache."""
     w = state.weights
     batch, length = q.shape[:2]
     stop = state.keys.shape[2] if key_mask is not None else at.stop
     if length == 1 and stop <= w.keep_window:
         state.query[..., : w.head_dim] = q[:, 0]
         query = state.query.view(batch, w.kv_heads, -1, state.query.shape[-1])
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(query, state.keys[:, :, :stop], state.values[:, :, :stop],
-                                             attn_mask=mask, scale=w.scaling)
+        if key_mask is None:
+            out = F.scaled_dot_product_attention(query, state.keys[:, :, :stop], state.values[:, :, :stop],
+                                                 scale=w.scaling)
+        else:
+            scores = (query @ state.keys.transpose(-1, -2)) * w.scaling
+            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+            out = scores.softmax(dim=-1) @ state.values
         return out[..., : w.head_dim].reshape(batch, 1, -1)
     dim = w.head_dim
     keys, values, bias = state.keys[:, :, :stop, :dim], state.values[:, :, :stop, :dim], state.keys[:, :, :stop, dim]
