@@ -2,9 +2,12 @@
 
 `model.generate` works (the model follows HF conventions), but its per-token bookkeeping costs far
 more than the model itself at Doge sizes. `Decoder` keeps the per-token path short: one fused
-q/k/v matmul and one fused gate/up matmul per layer (weights concatenated once, at start), keys,
-values and DMA biases written in place into preallocated buffers, and the DMA attention itself
-from `doge.model.dma` (so the sparse window applies once the context passes keep_window_size).
+q/k/v matmul and one fused gate/up matmul per layer (weights concatenated once, at start), one norm
+call for all q and k heads, rope rows looked up from a table made once per generation, keys,
+values and DMA biases written in place into preallocated buffers kept in the folded form the DMA
+kernel attends to (no per-token concatenation of the cache), query heads grouped under their KV
+head (no per-token repeat of the cache), and the DMA attention itself from `doge.model.dma` for
+prompts and past the window (so the sparse window applies once the context passes keep_window_size).
 
 Greedy decoding that fits in the window (prompt + new tokens <= keep_window_size) can also run as
 a *static* step: fixed shapes (attention over the whole preallocated cache, later positions masked
