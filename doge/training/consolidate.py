@@ -73,7 +73,8 @@ def handles(ckpt: Path) -> bool:
 def _rank_files(ckpt: Path) -> list[dict]:
     found = {int(m.group(1)): p for p in ckpt.iterdir() if (m := _OPTIM_FILE.fullmatch(p.name))}
     if sorted(found) != list(range(len(found))) or not found:
-        raise RuntimeError(f"{ckpt}: optimizer files of ranks {sorted(found)} found; expected 0..W-1")
+        raise RuntimeError(f"{ckpt}: ZeRO optimizer files found for ranks {sorted(found)}, not for every rank "
+                           "0..W-1: restore the missing file or use an earlier checkpoint")
     return [torch.load(found[r], map_location="cpu", weights_only=False)["optimizer_state_dict"]
             for r in range(len(found))]
 
