@@ -7,8 +7,9 @@ end-of-turn token (`<|im_end|>`), as the SFT/DPO exports were trained to answer.
 --weights fp16 or int8 decodes with the linear weights and LM head in fewer bytes (faster on a
 CPU, where decoding reads every weight per token; agreement with fp32 in the README).
 --compile runs each decode step as one torch.compile'd graph (several times fewer op calls per
-token): it pays off for long outputs or repeated runs (inductor caches compiled code on disk); the
-time spent compiling is printed on the last line and is not in its tokens/s.
+token; greedy decoding with an fp32 LM head runs several steps per compiled call, so tokens print
+in short bursts): it pays off for long outputs or repeated runs (inductor caches compiled code on
+disk); the time spent compiling is printed on the last line and is not in its tokens/s.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ import torch
 from conftest import randomize_extras, stock_twin, tiny_config
 
 from doge import DogeForCausalLM
+from doge.model import generation
 from doge.model.generation import Decoder
 
 CASES = {
@@ -80,3 +81,25 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     with pytest.warns(RuntimeWarning, match="decoding eagerly: RuntimeError: no C\\+\\+ compiler"):
         out = decoder.generate(prompt, 8)
     assert torch.equal(out, Decoder(model, static=False).generate(prompt, 8)) and decoder.compile_seconds == 0
+
+
+def test_compiled_greedy_chunks_give_the_per_token_tokens(monkeypatch):
+    """Compiled greedy decoding runs CHUNK_TOKENS steps per compiled call (3 here: a small graph to
+    compile) and gives the eager per-token loop's tokens: with a tail shorter than a chunk, cut at
+    EOS inside a chunk (rows ending at different steps), streamed, with a last chunk's positions
+    filling the window exactly (5 + 17 + 2 = 24), and stepping per token where they would not fit."""
+    monkeypatch.setattr(generation, "CHUNK_TOKENS", 3)
+    torch.manual_seed(25)
+    model = DogeForCausalLM(tiny_config(keep_window_size=24)).eval()
+    randomize_extras(model, seed=25)
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(25))
+    eager, compiled = Decoder(model, static=False), Decoder(model, static=False, compile=True)
+    path = eager.generate(prompt, 17)
+    assert torch.equal(compiled.generate(prompt, 17), path)
+    assert compiled.chunked.compiled is not None and compiled.chunked.seconds > 0 and compiled.compiled.seconds == 0
+    streamed = torch.stack(list(compiled.stream(prompt, 17)), dim=1)
+    assert torch.equal(torch.cat([prompt, streamed], dim=1), path)
+    for eos in {int(path[0, 10]), int(path[1, 13]), int(path[1, 16]), int(path[0, 19])}:
+        expected = eager.generate(prompt, 17, eos_token_id=eos)
+        assert torch.equal(compiled.generate(prompt, 17, eos_token_id=eos), expected), eos
+    assert torch.equal(compiled.generate(prompt, 19), eager.generate(prompt, 19)) and compiled.compiled.seconds > 0
