@@ -11,7 +11,8 @@ shared machine a single timing says more about the neighbours than about the dec
 contender, stock included, runs with the same `--threads` (default: torch's, one per core; on a
 busy 2-core machine `--threads 1` is steadier, since with 2 every op waits for the second thread
 whenever another job holds a core). The compiled rows' compile time (once per batch size and 256
-cache slots) is reported separately and is not in their tokens/s.
+cache slots) is reported separately and is not in their tokens/s. Compiled greedy decoding with an
+fp32 LM head runs `CHUNK_TOKENS` steps per compiled call; a low-bit LM head steps per token.
 Agreement with fp32 is teacher-forced along the fp32 greedy path of `--prompts` prompts: top-1
 agreement of each step's logits and the largest logit difference. Random weights give near-uniform
 logits, where top-1 is a coin toss between near-equal logits; pass `--model EXPORT` to measure

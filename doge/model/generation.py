@@ -32,7 +32,8 @@ compiler, an unsupported op) the Decoder warns once and stays eager.
 `Decoder(model, weights="fp16" | "int8")` keeps the dense linear weights and the LM head in fewer
 bytes for CPU decoding (`doge.model.lowbit`): batch-1 decoding reads every weight once per token.
 The fbgemm kernels are not traceable, so a compiled step keeps the layers' linears in float32
-(for doge-20m they all are anyway: too small for the low-bit kernels to pay off).
+(for doge-20m they all are anyway: too small for the low-bit kernels to pay off), and a low-bit LM
+head runs outside the graph, one compiled call per token (no chunks).
 Weights are fused and packed when the Decoder is built; build a new one after changing the model.
 """
 from __future__ import annotations
