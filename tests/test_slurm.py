@@ -134,12 +134,14 @@ def test_restarts_stop_at_the_maximum(cluster):
     name = "preempted"
     job = submit(cluster, "slurm/pretrain_20m.sh", name, DATA=str(h.prepared()), MAX_RESTARTS="2",
                  EXTRA=EXTRA + " --max-steps 100000 --decay-steps 8 --save-interval 0")
-    step = 0
+    saved = 0
     for run in (1, 2, 3):  # each run signalled once it trains (past the step the last one saved)
-        h.wait_for(lambda: runs_in_log(name) == run and h.last_step(h.BASE / name) > step, 300,
+        h.wait_for(lambda: runs_in_log(name) == run and h.last_step(h.BASE / name) > saved, 300,
                    f"run {run} training", poll=0.5)
-        step = h.last_step(h.BASE / name)
         cluster.run(["scancel", "--batch", "--signal=USR1", str(job)])
+        stops = h.wait_for(lambda: re.findall(r"stopped at step (\d+)", log_of(name))[run - 1:], 300,
+                           f"run {run} saving", poll=0.5)
+        saved = int(stops[0])
     info = cluster.wait_done(job, 300)
     text = log_of(name)
     assert info["Restarts"] == "2" and info["JobState"] == "FAILED", text[-3000:]
