@@ -155,8 +155,7 @@ def export_folder(recipe: Recipe) -> Path | None:
 
 
 def model_config(recipe: Recipe, source_state: ckpt.TrainerState | None) -> DogeConfig:
-    """The checkpoint's model when there is one, else the --model export's or preset's config; the
-    aux-loss weight is the recipe's."""
+    """The checkpoint's model when there is one, else the --model export's or preset's config."""
     export = export_folder(recipe)
     try:
         config = (DogeConfig(**source_state.model_config) if source_state
@@ -164,7 +163,6 @@ def model_config(recipe: Recipe, source_state: ckpt.TrainerState | None) -> Doge
                   else DogeConfig.from_preset(recipe.model, **recipe.model_overrides))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model_overrides {recipe.model_overrides}: {err}") from err
-    config.router_aux_loss_coef = recipe.aux_loss_weight
     return config
 
 
@@ -187,12 +185,14 @@ def start_point(rundir: Path, recipe: Recipe, ds_path: str, ds_config: dict) -> 
     resumed = source is not None and source.parent == rundir / "checkpoints"
     if (recipe.upcycle_experts or recipe.upcycle_top_k) and not resumed:  # a resume holds the CDMoE model
         init_weights, dense, config = upcycle_start(recipe, source, source_state)
-        config.router_aux_loss_coef = recipe.aux_loss_weight
-        return Start(None, None, False, config, init_weights, dense, skipped)
-    if source is not None:
-        check_zero_stage(ds_path, ds_config, source)
-    return Start(source, source_state, resumed, model_config(recipe, source_state),
-                 None if source else export_folder(recipe), None, skipped)
+        start = Start(None, None, False, config, init_weights, dense, skipped)
+    else:
+        if source is not None:
+            check_zero_stage(ds_path, ds_config, source)
+        start = Start(source, source_state, resumed, model_config(recipe, source_state),
+                      None if source else export_folder(recipe), None, skipped)
+    start.config.router_aux_loss_coef = recipe.aux_loss_weight  # the recipe's, whatever the start was trained with
+    return start
 
 
 def upcycle_start(recipe: Recipe, source: Path | None, source_state: ckpt.TrainerState | None
