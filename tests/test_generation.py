@@ -65,6 +65,9 @@ def test_compiled_step_matches_eager_step():
     assert torch.equal(compiled.generate(prompt, 20), path)
     assert compiled.compiled.compiled is not None and compiled.compile_seconds > 0
     torch.testing.assert_close(compiled.forced_logits(path, 12), eager.forced_logits(path, 12), atol=1e-4, rtol=1e-4)
+    with torch.compiler.set_stance("fail_on_recompile"):  # one graph serves every cache size
+        assert torch.equal(compiled.generate(prompt, 37), eager.generate(prompt, 37))
+    assert compiled.compiled.compiled is not None and compiled.chunked.compiled is not None  # no eager fallback
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):

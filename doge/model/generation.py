@@ -25,9 +25,12 @@ decoding with an fp32 LM head goes further: one compiled call runs CHUNK_TOKENS 
 head, argmax, the chosen token's embedding into the next step), so the compiled call's fixed cost
 (its Python wrapper, guard checks, reading the tokens back) is paid once per chunk, not per token;
 a last chunk runs past the tokens asked for into spare cache rows and its extra tokens are dropped.
-Compiling costs tens of seconds once per (batch, cache size), so the cache is sized in multiples
-of COMPILE_SLOTS positions; `compile_seconds` reports the time spent. Where compiling fails (no C
-compiler, an unsupported op) the Decoder warns once and stays eager.
+Compiling costs tens of seconds, so the graphs are compiled once per batch size with the number of
+cache slots symbolic: one graph serves every generation length inside the window, and a step
+attends over the slots this generation needs, not a rounded-up cache (at one query per layer the
+attention is bound by reading the cache, which the weights have evicted from the CPU's caches).
+`compile_seconds` reports the time spent. Where compiling fails (no C compiler, an unsupported op)
+the Decoder warns once and stays eager.
 
 `Decoder(model, weights="fp16" | "int8")` keeps the dense linear weights and the LM head in fewer
 bytes for CPU decoding (`doge.model.lowbit`): batch-1 decoding reads every weight once per token.
@@ -100,7 +103,6 @@ class _Layer:
 
 EOS_CHECK_EVERY = 16  # static decoding reads the tokens back (a device sync) this often to stop at EOS
 CHUNK_TOKENS = 4  # compiled greedy decoding chooses this many tokens per compiled call
-COMPILE_SLOTS = 256  # a compiled step's cache holds a multiple of this many positions (one compile each)
 
 
 class Decoder:
@@ -179,13 +181,13 @@ class Decoder:
         return torch.stack(steps, dim=1).float()
 
     def _prefill(self, input_ids: torch.Tensor, capacity: int, temperature: float = 0.0):
-        """Cache buffers for `capacity` positions (compiled: rounded up to COMPILE_SLOTS, within
-        the window, with room for the positions a last greedy chunk runs past the end), filled with
-        the prompt; the last prompt logits."""
+        """Cache buffers for `capacity` positions (with room for the positions a last greedy chunk
+        runs past the end; compiled: slot count symbolic), filled with the prompt; the last prompt
+        logits."""
         slots = capacity + (CHUNK_TOKENS - 1 if self._chunking(capacity, temperature) else 0)
-        if self.compiled and slots <= self.config.keep_window_size:
-            slots = min(-(-slots // COMPILE_SLOTS) * COMPILE_SLOTS, self.config.keep_window_size)
         cache = _Cache(self, input_ids.shape[0], slots, input_ids.device)
+        if self.compiled:
+            cache.mark_dynamic()
         return cache, self._step(cache, input_ids, 0)
 
     def _chunking(self, capacity: int, temperature: float) -> bool:
@@ -245,11 +247,15 @@ class Decoder:
         return self.lm_head(self._hidden(cache, ids, cos, sin, slice(start, stop), None))
 
     def _hidden(self, cache, ids, cos, sin, at, key_mask):
-        """The last position's final hidden state, normed (what the LM head reads)."""
-        h = F.embedding(ids, self.embed)
+        """The last position's final hidden state, normed (what the LM head reads). The layers
+        carry the hidden states as (B * L, hidden) rows, so that a compiled batch-1 step hands its
+        linears 2-D buffers: a (1, 1, hidden) buffer reaches BLAS as a view with a zero row stride,
+        which the matmul first copies."""
+        batch, length = ids.shape
+        h = F.embedding(ids.flatten(), self.embed)
         for state in cache.layers:
-            h = _layer(state, h, cos, sin, at, key_mask)
-        return _rms_norm(h[:, -1], self.norm, self.eps)
+            h = _layer(state, h, batch, cos, sin, at, key_mask)
+        return _rms_norm(h.view(batch, length, -1)[:, -1], self.norm, self.eps)
 
     def _static_body(self, cache, token, pos):
         """`_hidden` for one token per row at position `pos`, a (1,) tensor, attending to the whole
@@ -318,21 +324,30 @@ class _Cache:
         tables = [_rope(rotary, p, decoder.dtype) for p in rows]
         self.cos, self.sin = (torch.cat(t) for t in zip(*tables))
 
+    def mark_dynamic(self) -> None:
+        """Make the slot count a symbolic size for torch.compile: one graph for every cache size."""
+        for state in self.layers:
+            torch._dynamo.mark_dynamic(state.keys, 2)
+            torch._dynamo.mark_dynamic(state.values, 2)
+        for table in (self.positions, self.cos, self.sin):
+            torch._dynamo.mark_dynamic(table, 0)
+
 
 class _Compiled:
     """A static function (the single step or the greedy chunk) compiled by torch.compile, one graph
-    per (batch, cache size); the first call of each compiles it and is timed. Falls back to the
-    eager function for good when compiling fails."""
+    per batch size (the cache's slot count is symbolic, see `_Cache.mark_dynamic`); the first call
+    of each compiles it and is timed. Falls back to the eager function for good when compiling
+    fails."""
 
     def __init__(self, fn):
         self.fn, self.seconds, self.shapes = fn, 0.0, set()
         # cpp_wrapper: the graph's kernels are called from C++, not one Python call each (~6% faster)
-        self.compiled = torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        self.compiled = torch.compile(fn, fullgraph=True, options={"cpp_wrapper": True})
 
     def __call__(self, cache, token, pos):
         if self.compiled is None:
             return self.fn(cache, token, pos)
-        shape, start = (tuple(token.shape), len(cache.positions)), time.perf_counter()
+        shape, start = tuple(token.shape), time.perf_counter()
         try:
             out = self.compiled(cache, token, pos)
         except Exception as err:  # whatever the compiler raised: decode eagerly instead
@@ -359,16 +374,16 @@ def _rms_norm(x, weight, eps):
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def _layer(state: _Layer, h, cos, sin, at, key_mask):
-    """One decoder layer on new positions `at`, h (B, L, hidden): a slice (eager: attend to the
+def _layer(state: _Layer, h, batch: int, cos, sin, at, key_mask):
+    """One decoder layer on new positions `at`, h (B * L, hidden): a slice (eager: attend to the
     cache up to its end) or a (1,) position tensor (static: the whole cache under `key_mask`)."""
     w = state.weights
-    batch, length, _ = h.shape
+    length = h.shape[0] // batch
     qkv = w.qkv(_rms_norm(h, w.input_norm, w.eps))
     qk_width = (w.heads + w.kv_heads) * w.head_dim
-    qk = _rms_norm(qkv[..., :qk_width].view(batch, length, -1, w.head_dim), w.qk_norm, w.eps)
+    qk = _rms_norm(qkv[:, :qk_width].view(batch, length, -1, w.head_dim), w.qk_norm, w.eps)
     qk = qk * cos[:, None] + qk.roll(w.head_dim // 2, dims=-1) * sin[:, None]
-    v = qkv[..., qk_width:].view(batch, length, w.kv_heads, w.head_dim).transpose(1, 2)
+    v = qkv[:, qk_width:].view(batch, length, w.kv_heads, w.head_dim).transpose(1, 2)
     _write(state, qk[:, :, w.heads:].transpose(1, 2), v, dynamic_bias(v, w.dt_proj, w.A), at)
     h = torch.addcmul(w.o_proj(_attend(state, qk[:, :, : w.heads], at, key_mask)), w.input_residual, h)
     return torch.addcmul(w.mlp_out(_rms_norm(h, w.post_norm, w.eps)), w.post_residual, h)
@@ -390,7 +405,7 @@ def _write(state: _Layer, k, v, bias, at) -> None:
 
 
 def _attend(state: _Layer, q, at, key_mask) -> torch.Tensor:
-    """DMA attention of (B, L, H, D) queries to the cache, as (B, L, H * D).
+    """DMA attention of (B, L, H, D) queries to the cache, as (B * L, H * D).
 
     One query per row inside the window (every decode step): `dma_attention`'s single-query branch
     on the folded tensors it would build, with the query heads grouped under their KV head (the
@@ -411,12 +426,12 @@ def _attend(state: _Layer, q, at, key_mask) -> torch.Tensor:
             scores = (query @ state.keys.transpose(-1, -2)) * w.scaling
             scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
             out = scores.softmax(dim=-1) @ state.values
-        return out[..., : w.head_dim].reshape(batch, 1, -1)
+        return out[..., : w.head_dim].reshape(batch, -1)
     dim = w.head_dim
     keys, values, bias = state.keys[:, :, :stop, :dim], state.values[:, :, :stop, :dim], state.keys[:, :, :stop, dim]
     out = dma_attention(q.transpose(1, 2), keys, values, bias, scaling=w.scaling, keep_window=w.keep_window,
                         key_mask=key_mask)
-    return out.transpose(1, 2).reshape(batch, length, -1)
+    return out.transpose(1, 2).reshape(batch * length, -1)
 
 
 def _cuda_graph(step):
