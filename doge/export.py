@@ -9,33 +9,13 @@ so an interrupted export never leaves a half-written OUTDIR.
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import sys
 from pathlib import Path
 
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
 from doge import DogeConfig, DogeForCausalLM, atomic
-from doge.training import consolidate
 from doge.training.checkpoint import STATE_FILE, TrainerState
-
-
-def checkpoint_weights(ckpt: Path) -> dict:
-    """The full fp32 weights of a checkpoint under the model's own names (expert tables whole)."""
-    if consolidate.handles(ckpt):
-        return consolidate.read(ckpt).weights
-    logging.getLogger("deepspeed").setLevel(logging.WARNING)
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-
-
-def load_checked(model: DogeForCausalLM, weights: dict, source: Path) -> None:
-    """`weights` into `model`; every parameter must be there (the tied LM head may be absent)."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"{source}: weights do not match the model config: missing {missing}, "
-                           f"unexpected {unexpected}")
+from doge.training.weights import checkpoint_weights, load_checked
 
 
 def export(ckpt: Path, outdir: Path, replace: bool = False) -> Path:

@@ -45,12 +45,13 @@ def build_engine(config: DogeConfig, ds_config: dict, weight_decay: float, seed:
     import deepspeed
 
     from doge.training import expert_parallel
+    from doge.training.weights import load_weights
     from doge.upcycle import upcycle
 
     torch.manual_seed(seed)
     model = DogeForCausalLM(upcycle_from or config)
     if weights is not None:
-        load_export_weights(model, weights)
+        load_weights(model, weights)
     if upcycle_from is not None:
         model = upcycle(model, config)
     expert_parallel.apply(model, expert_parallel_size)
@@ -59,34 +60,22 @@ def build_engine(config: DogeConfig, ds_config: dict, weight_decay: float, seed:
     return engine
 
 
-def load_export_weights(model: torch.nn.Module, folder: Path) -> None:
-    """An HF export's model.safetensors, or a checkpoint's full fp32 weights, into `model`."""
-    from safetensors.torch import load_file
-
-    from doge.export import checkpoint_weights, load_checked
-
-    folder = Path(folder)
-    weights = (checkpoint_weights(folder) if (folder / ckpt.STATE_FILE).is_file()
-               else load_file(str(folder / "model.safetensors")))
-    load_checked(model, weights, folder)
-
-
 def load_start(engine, plan: "Plan", dist: Dist) -> Path:
     """Load engine state from the plan's checkpoint, through a universal copy when the world size or
     the expert-parallel size changed; a resume of the same world size also restores each rank's RNG streams. A resumed
     checkpoint that fails to load is moved to `broken/` and the previous complete one of the same
     world size is tried. Returns the checkpoint loaded."""
-    candidates = [plan.source]
-    if plan.resumed:
-        older = reversed(ckpt.complete_checkpoints(plan.source.parent))
-        candidates += [c for c in older if c < plan.source and
-                       ckpt.TrainerState.read(c).world_size == plan.source_state.world_size]
+    candidates = [plan.start.source]
+    if plan.start.resumed:
+        older = reversed(ckpt.complete_checkpoints(plan.start.source.parent))
+        candidates += [c for c in older if c < plan.start.source and
+                       ckpt.TrainerState.read(c).world_size == plan.start.source_state.world_size]
     for source in candidates:
         error = _try_load(engine, plan, source, dist)
         if error is None:
             return source
         if dist.is_main:
-            where = ckpt.move_aside(source) if plan.resumed else source
+            where = ckpt.move_aside(source) if plan.start.resumed else source
             print(f"checkpoint {source} failed to load ({error}); moved to {where}"
                   + ("; falling back to the previous complete checkpoint" if source != candidates[-1] else ""),
                   flush=True)
@@ -98,7 +87,7 @@ def _try_load(engine, plan: "Plan", source: Path, dist: Dist) -> str | None:
     """Load `source` on every rank; None if every rank succeeded, else what went wrong."""
     load_dir, error = source, None
     if plan.reshard:
-        out_root = plan.rundir / ("checkpoints/universal" if plan.resumed else "init-universal")
+        out_root = plan.rundir / ("checkpoints/universal" if plan.start.resumed else "init-universal")
         if dist.is_main:
             try:
                 ckpt.to_universal(source, out_root)
@@ -111,7 +100,7 @@ def _try_load(engine, plan: "Plan", source: Path, dist: Dist) -> str | None:
         path, _ = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
         if path is None:
             error = f"DeepSpeed found nothing to load in {load_dir}"
-        elif plan.resumed and plan.source_state.world_size == dist.world:
+        elif plan.start.resumed and plan.start.source_state.world_size == dist.world:
             ckpt.restore_rng(source, dist.rank)
     except Exception as err:  # noqa: BLE001 -- DeepSpeed and torch.load raise anything (a bare AssertionError, ...)
         error = f"{type(err).__name__}: {err}".splitlines()[0]
