@@ -54,15 +54,15 @@ def start(plan: Plan, dist: Dist) -> Trainer:
         ckpt.prune(plan.rundir / "checkpoints", keep_last=0)  # only removes leftovers of killed saves
         notes = [plan.lock_note] if plan.lock_note else []
         notes += [f"skipped checkpoint {folder.name}: {why}; moved to {ckpt.move_aside(folder)}"
-                  for folder, why in plan.skipped]
+                  for folder, why in plan.start.skipped]
         for note in notes:
             print(note, flush=True)
     barrier()
-    engine = build_engine(plan.model_config, plan.ds_config, plan.recipe.weight_decay, plan.recipe.seed,
-                          plan.init_weights, plan.recipe.expert_parallel_size, plan.upcycle_from)
-    if plan.source is not None:
+    engine = build_engine(plan.start.config, plan.ds_config, plan.recipe.weight_decay, plan.recipe.seed,
+                          plan.start.init_weights, plan.recipe.expert_parallel_size, plan.start.upcycle_from)
+    if plan.start.source is not None:
         loaded = load_start(engine, plan, dist)
-        plan.source, plan.source_state = loaded, ckpt.TrainerState.read(loaded)
+        plan.start.source, plan.start.source_state = loaded, ckpt.TrainerState.read(loaded)
     trainer = Trainer(plan, dist, engine, trainer_state(plan, dist.world), None, None)
     if dist.is_main:
         open_reporting(trainer)
@@ -76,12 +76,13 @@ def open_reporting(trainer: Trainer) -> None:
     wandb_run = start_wandb(recipe.wandb, recipe.wandb_project, plan.rundir, state.wandb_run_id, asdict(recipe))
     state.wandb_run_id = wandb_run.id if wandb_run is not None else None
     trainer.reporter = Reporter(plan.rundir, recipe.max_steps, state.step, wandb_run)
-    trainer.throughput = Throughput(state.step, recipe.max_steps, flops_per_token(plan.model_config, recipe.seq_len),
+    trainer.throughput = Throughput(state.step, recipe.max_steps, flops_per_token(plan.start.config, recipe.seq_len),
                                     device_peak_flops(plan.bf16, dist.local_world) * dist.world)
-    origin = (f"resumed from {plan.source}" if plan.resumed else
-              f"initialised from {plan.source or plan.init_weights}" if plan.source or plan.init_weights
-              else "fresh start") + (f", upcycled to {plan.model_config.num_experts} experts top-"
-                                     f"{plan.model_config.num_experts_per_tok}" if plan.upcycle_from else "")
+    begin = plan.start
+    origin = (f"resumed from {begin.source}" if begin.resumed else
+              f"initialised from {begin.source or begin.init_weights}" if begin.source or begin.init_weights
+              else "fresh start") + (f", upcycled to {begin.config.num_experts} experts top-"
+                                     f"{begin.config.num_experts_per_tok}" if begin.upcycle_from else "")
     n_params = sum(p.numel() for p in trainer.engine.module.parameters())
     trainer.message(f"{origin} at step {state.step}: {n_params / 1e6:.2f}M params, world {dist.world}, global "
                     f"batch {plan.global_batch} x {recipe.seq_len} tokens, grad accum {plan.grad_accum}, "

@@ -191,10 +191,10 @@ class Trainer:
 
 def trainer_state(plan: Plan, world: int) -> ckpt.TrainerState:
     """The state to continue from: the resumed run's own, or a fresh one (also after --init-from)."""
-    fresh = ckpt.TrainerState(world_size=world, recipe=asdict(plan.recipe), model_config=plan.model_config.to_dict(),
+    fresh = ckpt.TrainerState(world_size=world, recipe=asdict(plan.recipe), model_config=plan.start.config.to_dict(),
                               data_fingerprint=plan.objective.fingerprint,
                               tokenizer_fingerprint=plan.objective.tokenizer_fingerprint)
-    if not plan.resumed:
+    if not plan.start.resumed:
         return fresh
-    return ckpt.TrainerState(**{**asdict(plan.source_state), "world_size": world, "recipe": asdict(plan.recipe),
+    return ckpt.TrainerState(**{**asdict(plan.start.source_state), "world_size": world, "recipe": asdict(plan.recipe),
                                 "model_config": fresh.model_config})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from doge.model.configuration import PRESETS, DogeConfig
@@ -32,20 +32,14 @@ class Plan:
     recipe: Recipe
     rundir: Path
     world: int
-    model_config: DogeConfig
+    start: Start  # the checkpoint or fresh weights the run starts from, and the model it trains
     objective: Objective
     schedule: WSD
     global_batch: int  # samples per optimizer step, all ranks
     grad_accum: int
     ds_config: dict
     bf16: bool
-    source: Path | None  # checkpoint to load: own latest (resume) or --init-from
-    source_state: ckpt.TrainerState | None
-    resumed: bool
     reshard: bool = False  # the source was written at another world size or expert-parallel size
-    init_weights: Path | None = None  # HF export or checkpoint whose weights the fresh model starts from
-    upcycle_from: DogeConfig | None = None  # the dense model of init_weights, turned into model_config's CDMoE
-    skipped: list[tuple[Path, str]] = field(default_factory=list)  # incomplete checkpoints, to move aside
     lock_note: str | None = None  # a stale lock taken over
 
 
@@ -171,13 +165,13 @@ class Start:
     """Where a run's model comes from: a checkpoint to load (`source`), or fresh weights (a preset,
     an export, or a dense model to upcycle), and the model it trains."""
 
-    source: Path | None
+    source: Path | None  # checkpoint to load: own latest (resume) or --init-from
     source_state: ckpt.TrainerState | None
     resumed: bool
     config: DogeConfig
-    init_weights: Path | None
-    upcycle_from: DogeConfig | None
-    skipped: list
+    init_weights: Path | None  # HF export or checkpoint whose weights the fresh model starts from
+    upcycle_from: DogeConfig | None  # the dense model of init_weights, turned into config's CDMoE
+    skipped: list[tuple[Path, str]]  # incomplete checkpoints, to move aside
 
 
 def start_point(rundir: Path, recipe: Recipe, ds_path: str, ds_config: dict) -> Start:
@@ -249,7 +243,6 @@ def preflight(args: argparse.Namespace, recipe: Recipe, objective_cls: type[Obje
         "expert_parallel_size", 1)) != (world, recipe.expert_parallel_size)
     if reshard:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    return Plan(recipe, rundir, world, config, objective, schedule, global_batch, grad_accum, ds_config, bf16,
-                source, source_state, resumed, reshard, start.init_weights, start.upcycle_from, start.skipped,
-                runlock.acquire(rundir) if main_rank else None)
+    return Plan(recipe, rundir, world, start, objective, schedule, global_batch, grad_accum, ds_config, bf16,
+                reshard, runlock.acquire(rundir) if main_rank else None)
 
