@@ -124,7 +124,7 @@ def load(ckpt: Path, ep_size: int, out: str) -> None:
     config["checkpoint"] = {"load_universal": reshard}
     engine = build_engine(DogeConfig(**state.model_config), config, 0.5, 0, None, ep_size)
     scratch = Path(out).with_suffix(".universal")  # one folder all ranks see
-    plan = SimpleNamespace(reshard=reshard, rundir=scratch, resumed=False, source_state=state)
+    plan = SimpleNamespace(reshard=reshard, rundir=scratch, start=SimpleNamespace(resumed=False, source_state=state))
     error = _try_load(engine, plan, ckpt, dist_info)
     assert error is None, error
     groups = [(g["name"], g["weight_decay"]) for g in engine.optimizer.param_groups]
