@@ -12,8 +12,8 @@ on a shared machine a single timing says more about the neighbours than about th
 memory bandwidth moves with them too. Every
 contender, stock included, runs with the same `--threads` (default: torch's, one per core; on a
 busy 2-core machine `--threads 1` is steadier, since with 2 every op waits for the second thread
-whenever another job holds a core). The compiled rows' compile time (once per batch size and 256
-cache slots) is reported separately and is not in their tokens/s. Compiled greedy decoding with an
+whenever another job holds a core). The compiled rows' compile time (once per batch size; the
+cache's slot count is symbolic) is reported separately and is not in their tokens/s. Compiled greedy decoding with an
 fp32 LM head runs `CHUNK_TOKENS` steps per compiled call; a low-bit LM head steps per token.
 Agreement with fp32 is teacher-forced along the fp32 greedy path of `--prompts` prompts: top-1
 agreement of each step's logits and the largest logit difference. Random weights give near-uniform
@@ -44,7 +44,7 @@ from doge.model.lowbit import WEIGHT_FORMATS  # noqa: E402
 PROMPT, NEW = 32, 128
 
 
-def copy_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
+def copy_bandwidth(mbytes: int = 256, repeats: int = 2) -> float:
     """Bytes moved (read + written) per second by the best of `repeats` copies of a large tensor
     (after an untimed one: a fresh destination's first writes are page faults, not bandwidth)."""
     src = torch.ones(mbytes * 2**20 // 4)
@@ -91,11 +91,10 @@ def bench(preset: str, export: str | None, repeats: int, n_prompts: int) -> dict
     contenders = {"stock generate": lambda p, n: stock.generate(p, max_new_tokens=n, min_new_tokens=n,
                                                                 do_sample=False, pad_token_id=0)}
     contenders.update({name: decoder.generate for name, decoder in decoders.items()})
-    tokens_per_s, bandwidth = dict.fromkeys(contenders, 0.0), 0.0
-    for _ in range(repeats):  # one round: the copy, then every contender
-        bandwidth = max(bandwidth, copy_bandwidth(repeats=2))
-        for name, speed in generate_tokens_per_s(contenders, prompts[:1], NEW, 1).items():
-            tokens_per_s[name] = max(tokens_per_s[name], speed)
+    copies = []  # one per round, timed before the contenders
+    tokens_per_s = generate_tokens_per_s(contenders, prompts[:1], NEW, repeats,
+                                         before_round=lambda: copies.append(copy_bandwidth()))
+    bandwidth = max(copies)
     return dict(copy_bandwidth=bandwidth, preset=export or preset, tokens_per_s=tokens_per_s,
                 weight_mb={name: d.bytes_per_token() / 1e6 for name, d in decoders.items()},
                 roofline={name: bandwidth / d.bytes_per_token() for name, d in decoders.items()},

@@ -77,14 +77,18 @@ def bf16_slowdown(n: int = 512, repeats: int = 3) -> float:
 
 
 @torch.inference_mode()
-def generate_tokens_per_s(contenders: dict, prompt, new_tokens: int, repeats: int) -> dict:
+def generate_tokens_per_s(contenders: dict, prompt, new_tokens: int, repeats: int, before_round=None) -> dict:
     """Best tokens/s of each `generate(prompt, n)` over `repeats` interleaved rounds: decoding is a
     chain of tiny ops whose thread pool stalls whenever another job holds a core, so a single
-    timing on a shared machine says more about the neighbours than about the decoder."""
+    timing on a shared machine says more about the neighbours than about the decoder.
+    `before_round` (if given) runs at the start of every round, for a measurement that should see
+    the same conditions as the contenders (the memory roofline's copy bandwidth)."""
     best = dict.fromkeys(contenders, 0.0)
     for generate in contenders.values():
         generate(prompt, 8)
     for _ in range(repeats):
+        if before_round is not None:
+            before_round()
         for name, generate in contenders.items():
             start = time.perf_counter()
             out = generate(prompt, new_tokens)
