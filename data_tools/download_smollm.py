@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # imported after parsing so that --help answers at once (importing doge loads transformers)
     from doge.data import DataError
+    from doge.data.chunk_plan import ReadOptions
     from doge.data.prepare import PrepareConfig, prepare
-    from doge.data.sources import ReadOptions
     raw, out_root = Path(args.download_dir), Path(args.out_root)
     for name in args.only or SOURCES:
         repo, folder = SOURCES[name]

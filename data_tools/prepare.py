@@ -59,9 +59,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # imported after parsing so that --help answers at once (importing doge loads transformers)
+    from doge.data.chunk_plan import ReadOptions
     from doge.data.errors import run_tool
     from doge.data.prepare import PrepareConfig, prepare
-    from doge.data.sources import ReadOptions
     chat = tuple(args.chat_fields.split(",")) if args.chat_fields else ()
     if chat and len(chat) != 2:
         print("error: --chat-fields takes two field names, PROMPT,ANSWER", file=sys.stderr)

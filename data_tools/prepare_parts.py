@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from doge.atomic import write_json  # noqa: E402
 from doge.data import DataError  # noqa: E402
+from doge.data.chunk_plan import resolve_files  # noqa: E402
 from doge.data.shards import MANIFEST, read_manifest  # noqa: E402
-from doge.data.sources import resolve_files  # noqa: E402
 
 
 def plan(parts: Path, inputs: list[str], tasks: int) -> dict:

@@ -36,8 +36,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # imported after parsing so that --help answers at once (importing doge loads transformers)
+    from doge.data.chunk_plan import ReadOptions
     from doge.data.errors import run_tool
-    from doge.data.sources import ReadOptions
     from doge.data.tokenizer import train_tokenizer
     opts = ReadOptions(text_field=args.text_field, txt_split=args.txt_split)
     return run_tool(lambda: train_tokenizer(args.input, args.output, args.vocab_size, opts, args.max_sentences,

@@ -9,8 +9,8 @@ import pytest
 from conftest_data import PRETRAIN, needs_corpora, prepare_config, read_manifest, shard_rows, tokenizer_dir
 
 from doge.data import DataError, open_pretrain_data, tokenizer_fingerprint
+from doge.data.chunk_plan import ReadOptions
 from doge.data.prepare import prepare
-from doge.data.sources import ReadOptions
 
 pytestmark = needs_corpora
 

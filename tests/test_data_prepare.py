@@ -142,7 +142,7 @@ def test_chat_fields_render_the_tokenizers_chat_template(tmp_path):
     qa = [json.loads(line) for line in (PRETRAIN.parent / "sft" / "gsm8k_test.jsonl").read_text().splitlines()[:50]]
     src = tmp_path / "qa.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in qa))
-    from doge.data.sources import ReadOptions
+    from doge.data.chunk_plan import ReadOptions
 
     datadir = prepare(prepare_config([src], tmp_path / "chat", val_fraction="0",
                                      read=ReadOptions(chat_fields=("question", "answer"))), progress_bar=False)
@@ -172,7 +172,7 @@ def test_hub_spec_reads_a_datasets_folder(tmp_path, monkeypatch):
 def test_special_token_strings_in_text_are_text_unless_parsing_is_asked_for(tmp_path, caplog):
     from transformers import AutoTokenizer
 
-    from doge.data.sources import ReadOptions
+    from doge.data.chunk_plan import ReadOptions
 
     texts = ["The tag </s> ends a sequence and <s> starts one.", "plain text", "print('<|im_start|>user')"]
     src = tmp_path / "web.jsonl"
@@ -197,7 +197,7 @@ def test_special_token_strings_in_text_are_text_unless_parsing_is_asked_for(tmp_
 def test_chat_contents_with_special_token_strings_stay_text(tmp_path):
     from transformers import AutoTokenizer
 
-    from doge.data.sources import ReadOptions
+    from doge.data.chunk_plan import ReadOptions
 
     record = {"q": "What does <|im_end|> mean?", "a": "It ends a turn, as </s> ends a text."}
     src = tmp_path / "chat.jsonl"

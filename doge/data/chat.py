@@ -27,10 +27,10 @@ import numpy as np
 
 from doge import atomic
 from doge.data import shards
+from doge.data.chunk_plan import kind_of, load_hub, open_source_file, parse_json_line, resolve_files
 from doge.data.errors import DataError, from_os_error
 from doge.data.loader import _check_tokenizer_copy
 from doge.data.permutation import permute, round_keys
-from doge.data.sources import _kind_of, _load_hub, _parse_json_line, _reading, resolve_files
 from doge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 FORMAT, VERSION = "doge-chat-shards", 1
@@ -58,21 +58,22 @@ class ChatPrepareConfig:
 def read_records(spec: str):
     """(where, record) for every JSON Lines / parquet record of a source, or every row of `hf:NAME`."""
     if spec.startswith("hf:"):
-        for i, record in enumerate(_load_hub(spec)):
+        for i, record in enumerate(load_hub(spec)):
             yield f"{spec} row {i + 1}", record
         return
     for path in resolve_files(spec):
-        kind, compressed = _kind_of(path)
+        kind, compressed = kind_of(path)
         if kind == "parquet":
             import pyarrow.parquet as pq
 
             for i, record in enumerate(pq.read_table(path).to_pylist()):
                 yield f"{path} row {i + 1}", record
         elif kind == "jsonl":
-            with _reading(path, compressed) as fh:
+            with open_source_file(path, compressed) as fh:
                 for i, line in enumerate(fh):
                     if line.strip():
-                        yield f"{path} line {i + 1}", _parse_json_line(line, path, f"line {i + 1}")
+                        text = line.decode("utf-8", errors="replace")
+                        yield f"{path} line {i + 1}", parse_json_line(text, path, f"line {i + 1}")
         else:
             raise DataError(f"{path}: chat data must be JSON Lines or parquet records, not plain text")
 

@@ -26,9 +26,10 @@ import numpy as np
 
 from doge import atomic
 from doge.data import shards
+from doge.data.chunk_plan import ReadOptions, plan_chunks, resolve_files
 from doge.data.encode import make_encoder
 from doge.data.errors import DataError, from_os_error
-from doge.data.sources import STAT_KEYS, ReadOptions, Stats, check_source, plan_chunks, read_chunk, resolve_files
+from doge.data.sources import STAT_KEYS, Stats, check_source, read_chunk
 from doge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,9 @@ import tempfile
 from pathlib import Path
 
 from doge import atomic
+from doge.data.chunk_plan import ReadOptions
 from doge.data.errors import DataError, from_os_error
-from doge.data.sources import ReadOptions, iter_documents
+from doge.data.sources import iter_documents
 
 SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
