@@ -29,9 +29,9 @@ from doge import atomic
 from doge.data import shards
 from doge.data.chunk_plan import kind_of, load_hub, open_source_file, parse_json_line, resolve_files
 from doge.data.errors import DataError, from_os_error
-from doge.data.loader import _check_tokenizer_copy
 from doge.data.permutation import permute, round_keys
-from doge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from doge.data.tokenizer import load_tokenizer, pad_id, special_pattern, tokenizer_fingerprint
+from doge.data.tokenizer_copy import check_tokenizer_copy, file_hashes
 
 FORMAT, VERSION = "doge-chat-shards", 1
 KINDS = ("sft", "dpo")
@@ -150,9 +150,7 @@ class Renderer:
                             "ChatML, or set chat_template in tokenizer_config.json")
         self.tok = tok
         self.special_ids = set(tok.all_special_ids)
-        strings = sorted({t.content for t in tok.backend_tokenizer.get_added_tokens_decoder().values() if t.special},
-                         key=len, reverse=True)
-        self.special = re.compile("|".join(map(re.escape, strings)) or "(?!)")
+        self.special = special_pattern(tok)
 
     def has_special_strings(self, messages: list) -> bool:
         return any(self.special.search(m["content"]) for m in messages)
@@ -244,13 +242,13 @@ def prepare_chat(cfg: ChatPrepareConfig) -> Path:
         _check_replaceable(out, cfg.overwrite)
     tok = load_tokenizer(cfg.tokenizer)
     renderer = Renderer(tok)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     rows, sources = [], []
     for spec in cfg.inputs:
         counts = dict.fromkeys(COUNTS, 0)
         for where, record in read_records(spec):
             counts["records"] += 1
-            example = encode_example(renderer, record, where, cfg, pad_id, counts)
+            example = encode_example(renderer, record, where, cfg, pad, counts)
             if example is not None:
                 counts["kept"] += 1
                 rows.append(example)
@@ -280,16 +278,12 @@ def _write(cfg: ChatPrepareConfig, tok, rows: list, sources: list) -> Path:
                          "mask": shards.write_shard(work, f"{split}-00000.mask.arrow", mask, mask.size)}
     manifest = {"format": FORMAT, "version": VERSION, "kind": cfg.kind, "seq_len": cfg.seq_len, "dtype": dtype.name,
                 "tokenizer": {"fingerprint": tokenizer_fingerprint(tok), "vocab_size": len(tok),
-                              "pad_id": int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id),
-                              "name_or_path": str(cfg.tokenizer), "files": _file_hashes(work / "tokenizer")},
+                              "pad_id": int(pad_id(tok)), "name_or_path": str(cfg.tokenizer),
+                              "files": file_hashes(work / "tokenizer")},
                 "splits": splits, "sources": sources, "fields": list(cfg.fields),
                 "val_fraction": cfg.val_fraction, "val_rows": cfg.val_rows, "command": list(cfg.command)}
     atomic.write_json(work / shards.MANIFEST, manifest)
     return atomic.publish_dir(work, out, replace=True)
-
-
-def _file_hashes(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): shards.sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:
@@ -372,5 +366,5 @@ def open_chat_data(path, kind: str, split: str = "train", seed: int = 0) -> Chat
     if manifest["kind"] != kind:
         raise DataError(f"{datadir}: holds {manifest['kind']} data, this run needs {kind}; prepare it with "
                         f"data_tools/prepare_chat.py --kind {kind}")
-    _check_tokenizer_copy(datadir, manifest)
+    check_tokenizer_copy(datadir, manifest)
     return ChatData(datadir, manifest, split, seed)

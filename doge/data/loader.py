@@ -19,7 +19,7 @@ from doge.data import shards
 from doge.data.errors import DataError
 from doge.data.mixture import Schedule, integer_weights, read_mixture
 from doge.data.permutation import permute, round_keys
-from doge.data.tokenizer import tokenizer_fingerprint
+from doge.data.tokenizer_copy import check_tokenizer_copy
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def open_pretrain_data(path, *, seed=0, split="train", tokenizer_fingerprint=Non
     manifests = [shards.read_manifest(e["path"]) for e in entries]
     seq_len = _check_compatible(entries, manifests, tokenizer_fingerprint, vocab_size, seq_len)
     for entry, manifest in zip(entries, manifests):
-        _check_tokenizer_copy(Path(entry["path"]), manifest)
+        check_tokenizer_copy(Path(entry["path"]), manifest)
     bound = vocab_size if vocab_size is not None else manifests[0]["tokenizer"]["vocab_size"]
     sources = [SplitSource(e["name"], e["path"], m, split, seq_len, bound, verify_sha256)
                for e, m in zip(entries, manifests)]
@@ -235,24 +235,6 @@ def _check_compatible(entries, manifests, tokenizer_fingerprint, vocab_size, seq
             log.warning("%s: rows of %d tokens, seq_len %d: the last %d tokens of each row are not used",
                         entry["path"], manifest["seq_len"], seq_len, manifest["seq_len"] % seq_len)
     return seq_len
-
-
-def _check_tokenizer_copy(datadir: Path, manifest: dict) -> None:
-    """DATADIR/tokenizer/ is what checkpoints ship, so it must be the tokenizer the shards were
-    made with: same fingerprint, and (manifests since the files were recorded) the same files."""
-    folder = datadir / "tokenizer"
-    fix = f"restore the tokenizer/ folder prepare.py wrote or re-run prepare.py to rebuild {datadir}"
-    expected = manifest["tokenizer"]["fingerprint"]
-    try:
-        found = tokenizer_fingerprint(folder)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{folder}: no readable tokenizer.json ({exc}); {fix}") from exc
-    if found != expected:
-        raise DataError(f"{folder}: holds tokenizer {found}, but the shards were tokenized with {expected} "
-                        f"({datadir / shards.MANIFEST}); {fix}")
-    for name, digest in manifest["tokenizer"].get("files", {}).items():
-        if not (folder / name).is_file() or shards.sha256_file(folder / name) != digest:
-            raise DataError(f"{folder / name}: missing or changed since prepare.py wrote it; {fix}")
 
 
 def _check_vocab(where: Path, manifest: dict, vocab_size: int) -> None:

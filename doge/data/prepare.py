@@ -30,7 +30,8 @@ from doge.data.chunk_plan import ReadOptions, plan_chunks, resolve_files
 from doge.data.encode import make_encoder
 from doge.data.errors import DataError, from_os_error
 from doge.data.sources import STAT_KEYS, Stats, check_source, read_chunk
-from doge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from doge.data.tokenizer import load_tokenizer, pad_id, special_pattern, tokenizer_fingerprint
+from doge.data.tokenizer_copy import file_hashes
 
 log = logging.getLogger(__name__)
 PROGRESS = "progress.json"
@@ -173,7 +174,7 @@ def _layout(cfg: PrepareConfig, tok, chunks, described) -> dict:
             "vocab_size": len(tok),
             "bos_id": tok.bos_token_id,
             "eos_id": tok.eos_token_id,
-            "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            "pad_id": pad_id(tok),
             "name_or_path": str(cfg.tokenizer),
         },
         "inputs": [[d["spec"], d["files"]] for d in described],
@@ -217,18 +218,11 @@ def _workers(cfg: PrepareConfig, tok):
     """Forked tokenizing processes. They inherit the encoder, built once here, and `tok` itself
     (for chat templates), so none of them loads or checks the tokenizer again."""
     ctx = multiprocessing.get_context("fork")
-    special = _special_pattern(tok)
+    special = special_pattern(tok)
     chat = _chat_runs_template(tok, special) if cfg.read.chat_fields and not cfg.read.parse_special_tokens else None
     init = (make_encoder(tok.backend_tokenizer), tok, tok.eos_token_id, cfg.read, shards.dtype_for_vocab(len(tok)),
             cfg.workers > 1, special, chat)
     return ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init)
-
-
-def _special_pattern(tok) -> re.Pattern:
-    """Matches the strings of the tokenizer's special tokens (longest first)."""
-    strings = sorted({t.content for t in tok.backend_tokenizer.get_added_tokens_decoder().values() if t.special},
-                     key=len, reverse=True)
-    return re.compile("|".join(map(re.escape, strings)) or "(?!)")
 
 
 def _chat_runs_template(tok, special: re.Pattern) -> list:
@@ -469,7 +463,7 @@ def _finish(cfg: PrepareConfig, work: Path, layout: dict, described, state: dict
         "version": shards.VERSION,
         "seq_len": layout["seq_len"],
         "dtype": layout["dtype"],
-        "tokenizer": dict(layout["tokenizer"], files=_file_hashes(work / "tokenizer")),
+        "tokenizer": dict(layout["tokenizer"], files=file_hashes(work / "tokenizer")),
         "splits": splits,
         "val_fraction": layout["val_fraction"],
         "val_rows": layout["val_rows"],
@@ -484,11 +478,6 @@ def _finish(cfg: PrepareConfig, work: Path, layout: dict, described, state: dict
         _check_replaceable(out, cfg.overwrite)
     atomic.publish_dir(work, out, replace=True)
     (out / PROGRESS).unlink()  # after the rename: a kill in between leaves a complete DATADIR
-
-
-def _file_hashes(folder: Path) -> dict:
-    """sha256 of each file of the tokenizer copy: the loader checks them, since checkpoints ship them."""
-    return {p.relative_to(folder).as_posix(): shards.sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _log_notices(sources: list, read: ReadOptions) -> None:

@@ -4,6 +4,8 @@ sentencepiece learns the vocabulary and merges (byte fallback, so nothing is eve
 the `tokenizers` library then runs them: spaces shown as U+2581 and nothing else normalised, so
 decode(encode(text)) == text for any text without a literal U+2581. The fingerprint identifies what
 a tokenizer does, so data prepared with one tokenizer cannot silently be trained with another.
+`load_tokenizer` opens any fast tokenizer for the data writers; `pad_id` and `special_pattern` are
+what both of them (pre-training and chat) read off it.
 """
 import hashlib
 import json
@@ -173,6 +175,18 @@ def load_tokenizer(name_or_path: str):
     if tok.eos_token_id is None:
         raise DataError(f"{name_or_path}: the tokenizer defines no eos_token; set eos_token in tokenizer_config.json")
     return tok
+
+
+def pad_id(tok) -> int:
+    """The id rows are padded with: the pad token, or EOS for tokenizers without one."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def special_pattern(tok) -> re.Pattern:
+    """Matches the strings of the tokenizer's special tokens (longest first)."""
+    strings = sorted({t.content for t in tok.backend_tokenizer.get_added_tokens_decoder().values() if t.special},
+                     key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, strings)) or "(?!)")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
