@@ -1,11 +1,15 @@
 """Tokenize, pack and shard raw corpora into a DATADIR (the engine behind data_tools/prepare.py).
 
-Workers tokenize chunks (see sources.py) in parallel; the main process takes their results in
+Workers tokenize chunks (see chunk_plan.py) in parallel; the main process takes their results in
 chunk order, so the token stream, and therefore every shard byte, is the same for any worker
 count. Everything is written under DATADIR.partial/ and renamed to DATADIR when complete. After
 each shard the main process records in progress.json where the next shard starts (chunk index and
 token offset), so a rerun after kill -9 skips finished shards and re-tokenizes only from there.
 An exclusive lock on DATADIR.partial/ keeps a second prepare off the same output.
+
+This module is the run: options, the work folder and its resume point, the worker pool and the
+order of its results, the notices and the final rename. The workers run chunk_tokenizer.py;
+packer.py cuts the rows and commits shards and progress; prepare_manifest.py describes the result.
 """
 import fcntl
 import hashlib
@@ -13,28 +17,25 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import shutil
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from itertools import chain, islice
+from itertools import islice
 from pathlib import Path
-
-import numpy as np
 
 from doge import atomic
 from doge.data import shards
 from doge.data.chunk_plan import ReadOptions, plan_chunks, resolve_files
+from doge.data.chunk_tokenizer import chat_template_runs, init_worker, tokenize_chunk
 from doge.data.encode import make_encoder
 from doge.data.errors import DataError, from_os_error
-from doge.data.sources import STAT_KEYS, Stats, check_source, read_chunk
+from doge.data.packer import PROGRESS, Packer
+from doge.data.prepare_manifest import build_manifest
 from doge.data.tokenizer import load_tokenizer, pad_id, special_pattern, tokenizer_fingerprint
-from doge.data.tokenizer_copy import file_hashes
 
 log = logging.getLogger(__name__)
-PROGRESS = "progress.json"
 NOTICES = {
     "skipped_empty": "skipped {} empty or whitespace-only documents",
     "utf8_replaced": "replaced invalid UTF-8 with U+FFFD in {} documents",
@@ -44,8 +45,6 @@ NOTICES = {
 }
 SPECIAL_HOW = ("encoded as plain text; pass --parse-special-tokens if they are meant as control tokens",
                "read as control tokens (--parse-special-tokens)")
-CHAT_SLOTS = ("\x00prompt\x00", "\x00answer\x00")  # stand-ins for the contents when splitting a chat template
-ENCODE_BATCH = 512
 
 
 @dataclass
@@ -99,7 +98,7 @@ def _run(cfg: PrepareConfig, tok, chunks, described, work: Path, progress_bar: b
     # checked (a third of a second); if the check fails, their results are dropped unread.
     with _workers(cfg, tok) as pool:
         start = _resume_chunk(work, len(chunks))
-        results = _ordered(pool, _tokenize_chunk, chunks[start:], 2 * cfg.workers)
+        results = _ordered(pool, tokenize_chunk, chunks[start:], 2 * cfg.workers)
         layout = _layout(cfg, tok, chunks, described)
         state = _open_work(work, layout, tok)
         assert state["chunk"] == start, "progress.json changed while prepare read it"
@@ -219,30 +218,10 @@ def _workers(cfg: PrepareConfig, tok):
     (for chat templates), so none of them loads or checks the tokenizer again."""
     ctx = multiprocessing.get_context("fork")
     special = special_pattern(tok)
-    chat = _chat_runs_template(tok, special) if cfg.read.chat_fields and not cfg.read.parse_special_tokens else None
+    chat = chat_template_runs(tok, special) if cfg.read.chat_fields and not cfg.read.parse_special_tokens else None
     init = (make_encoder(tok.backend_tokenizer), tok, tok.eos_token_id, cfg.read, shards.dtype_for_vocab(len(tok)),
             cfg.workers > 1, special, chat)
-    return ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init)
-
-
-def _chat_runs_template(tok, special: re.Pattern) -> list:
-    """The chat template cut around the two message contents: three pieces, each a list of text
-    runs and special-token ids. The template's own control tokens stay tokens, while the contents,
-    later put between the pieces, are encoded as text whatever they contain."""
-    pieces = re.split("|".join(map(re.escape, CHAT_SLOTS)), _render_chat(tok, CHAT_SLOTS))
-    if len(pieces) != 3:
-        raise DataError(f"{tok.name_or_path}: the chat template does not show each message's content once; pass "
-                        "--parse-special-tokens to tokenize the rendered chat as a whole")
-    return [_split_special(piece, special, tok) for piece in pieces]
-
-
-def _split_special(text: str, special: re.Pattern, tok) -> list:
-    """text -> [text run, token id, text run, ...] cut at special-token strings."""
-    runs, pos = [], 0
-    for match in special.finditer(text):
-        runs += [text[pos : match.start()], tok.convert_tokens_to_ids(match.group())]
-        pos = match.end()
-    return runs + [text[pos:]]
+    return ctx.Pool(cfg.workers, initializer=init_worker, initargs=init)
 
 
 def _pack(work: Path, layout: dict, chunks, state: dict, results, progress_bar: bool) -> None:
@@ -275,204 +254,11 @@ def _in_order(pool, func, items, pending: deque):
         yield result
 
 
-# ----------------------------------------------------------------------------- workers
-_WORKER: dict = {}
-
-
-def _init_worker(encoder, tok, eos: int, opts: ReadOptions, dtype: str, single_thread: bool, special, chat) -> None:
-    """One tokenizer thread per worker when there are several workers. Unless special tokens are
-    to be parsed, the worker's own (forked) copy of the tokenizer reads their strings as text."""
-    if single_thread:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    encoder.backend.encode_special_tokens = not opts.parse_special_tokens
-    _WORKER.update(encoder=encoder, tok=tok, eos=eos, opts=opts, dtype=np.dtype(dtype), special=special, chat=chat)
-
-
-def _tokenize_chunk(chunk):
-    """One chunk -> (all its documents' tokens, each followed by EOS, as one array; stats)."""
-    stats = Stats()
-    docs = list(read_chunk(chunk, _WORKER["opts"], stats))
-    texts = chain.from_iterable(docs) if _WORKER["opts"].chat_fields else docs
-    stats.special_token_strings = sum(len(_WORKER["special"].findall(t)) for t in texts)
-    pieces = []
-    for start in range(0, len(docs), ENCODE_BATCH):
-        pieces.append(_encode(docs[start : start + ENCODE_BATCH]))
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, _WORKER["dtype"])
-    stats.tokens = int(tokens.size)
-    return tokens, stats
-
-
-def _encode(docs: list) -> np.ndarray:
-    """Tokenize (BOS if the tokenizer adds one), then append EOS to each document that does not
-    already end with it."""
-    encoder, eos = _WORKER["encoder"], _WORKER["eos"]
-    if _WORKER["chat"]:
-        ids, lengths = _encode_chat(docs)
-    elif _WORKER["opts"].chat_fields:
-        ids, lengths = encoder.encode([_render_chat(_WORKER["tok"], d) for d in docs], add_special_tokens=False)
-    else:
-        ids, lengths = encoder.encode(docs, add_special_tokens=True)
-    ends = np.cumsum(lengths)
-    has_eos = np.zeros(len(lengths), bool)
-    has_eos[lengths > 0] = ids[ends[lengths > 0] - 1] == eos
-    return np.insert(ids, ends[~has_eos], eos).astype(_WORKER["dtype"], copy=False)
-
-
-def _encode_chat(docs: list) -> tuple:
-    """Chats with the contents as text: each document is the template's runs with the contents
-    put in; adjacent text is joined (as the whole rendered string would be tokenized between its
-    control tokens) and all text runs of the batch are encoded in one call."""
-    runs = [_join_text(_fill_template(_WORKER["chat"], parts)) for parts in docs]
-    texts = [r for doc in runs for r in doc if isinstance(r, str)]
-    text_ids, lengths = _WORKER["encoder"].encode(texts, add_special_tokens=False)
-    encoded = iter(np.split(text_ids, np.cumsum(lengths)[:-1]))
-    pieces = [[next(encoded) if isinstance(r, str) else np.array([r], np.uint32) for r in doc] for doc in runs]
-    return np.concatenate([p for doc in pieces for p in doc]), np.array([sum(map(len, doc)) for doc in pieces])
-
-
-def _fill_template(template: list, parts: tuple) -> list:
-    filled = list(template[0])
-    for content, after in zip(parts, template[1:]):
-        filled += [content, *after]
-    return filled
-
-
-def _join_text(runs: list) -> list:
-    joined = []
-    for run in runs:
-        if isinstance(run, str) and joined and isinstance(joined[-1], str):
-            joined[-1] += run
-        else:
-            joined.append(run)
-    return joined
-
-
-def _render_chat(tok, parts: tuple) -> str:
-    """(prompt, answer) -> the tokenizer's chat template text (user turn, assistant turn)."""
-    messages = [{"role": "user", "content": parts[0]}, {"role": "assistant", "content": parts[1]}]
-    return tok.apply_chat_template(messages, tokenize=False)
-
-
-# ----------------------------------------------------------------------------- packing
-class Packer:
-    """Cuts the token stream into rows, routes them to train/val, and commits shards in order.
-
-    A commit writes the next train shard plus the val rows that precede its last row, then
-    records the stream position after that row; all rows before it are on disk, none after it.
-    """
-
-    def __init__(self, work: Path, layout: dict, state: dict):
-        self.work, self.state = work, state
-        self.seq_len, self.shard_rows = layout["seq_len"], layout["shard_rows"]
-        self.dtype = np.dtype(layout["dtype"])
-        self.val = (layout["val_fraction"], layout["val_rows"])
-        self.pad_id = layout["tokenizer"]["pad_id"]
-        self.first_row = state["next_row"]  # global index of the first buffered row
-        self.rows: list = []
-        self.leftover = np.zeros(0, self.dtype)
-        self.skip = state["offset"]  # tokens of the first chunk already committed
-        self.fed: list = []  # (chunk index, token start, length, source, stats) not yet committed past
-        self.token_pos = state["chunk_token_start"]
-
-    def buffered_rows(self) -> int:
-        return sum(len(r) for r in self.rows)
-
-    def feed(self, index: int, source: int, tokens: np.ndarray, stats: Stats) -> None:
-        self.fed.append((index, self.token_pos, len(tokens), source, stats))
-        self.token_pos += len(tokens)
-        tokens, self.skip = tokens[self.skip :], 0
-        stream = np.concatenate([self.leftover, tokens])
-        n = len(stream) // self.seq_len
-        self.rows.append(stream[: n * self.seq_len].reshape(n, self.seq_len))
-        self.leftover = stream[n * self.seq_len :].copy()
-        while self._train_buffered() >= self.shard_rows:
-            self._commit(final=False)
-
-    def finish(self) -> None:
-        """Pad the last partial row, commit everything left, note the padding."""
-        if len(self.leftover):
-            row = np.full((1, self.seq_len), self.pad_id, self.dtype)
-            row[0, : len(self.leftover)] = self.leftover
-            self.state["pad_tokens"] = self.seq_len - len(self.leftover)
-            self.rows.append(row)
-            self.leftover = self.leftover[:0]
-        self._commit(final=True)
-
-    def _mask(self, n: int) -> np.ndarray:
-        return shards.val_mask(self.first_row, n, *self.val)
-
-    def _train_buffered(self) -> int:
-        n = self.buffered_rows()
-        return n - int(self._mask(n).sum())
-
-    def _commit(self, final: bool) -> None:
-        rows = np.concatenate(self.rows) if self.rows else np.zeros((0, self.seq_len), self.dtype)
-        mask = self._mask(len(rows))
-        cut = len(rows) if final else int(np.flatnonzero(~mask)[self.shard_rows - 1]) + 1
-        padded_split = None
-        if final and cut and "pad_tokens" in self.state:
-            padded_split = "val" if mask[cut - 1] else "train"
-        for split, selected in (("train", rows[:cut][~mask[:cut]]), ("val", rows[:cut][mask[:cut]])):
-            if len(selected):
-                self._write(split, selected, padded=split == padded_split)
-        self.rows = [rows[cut:]]
-        self.first_row += cut
-        self._record_position()
-
-    def _write(self, split: str, rows: np.ndarray, padded: bool) -> None:
-        tokens = rows.size - (self.state.get("pad_tokens", 0) if padded else 0)
-        name = shards.shard_name(split, len(self.state[split]))
-        self.state[split].append(shards.write_shard(self.work, name, rows, tokens))
-
-    def _record_position(self) -> None:
-        """Persist where the first uncommitted row starts: chunk index, offset, stats before it."""
-        position = self.first_row * self.seq_len
-        while self.fed and self.fed[0][1] + self.fed[0][2] <= position:
-            index, start, length, source, stats = self.fed.pop(0)
-            self._add_stats(source, stats)
-            self.state.update(chunk=index + 1, chunk_token_start=start + length, offset=0)
-        if self.fed:
-            index, start = self.fed[0][0], self.fed[0][1]
-            self.state.update(chunk=index, chunk_token_start=start, offset=position - start)
-        self.state["next_row"] = self.first_row
-        atomic.write_json(self.work / PROGRESS, self.state)
-
-    def _add_stats(self, source: int, stats: Stats) -> None:
-        total = self.state["sources"].setdefault(str(source), dict.fromkeys(STAT_KEYS, 0))
-        for key, value in stats.as_dict().items():
-            total[key] += value
-
-
-# ----------------------------------------------------------------------------- manifest
 def _finish(cfg: PrepareConfig, work: Path, layout: dict, described, state: dict) -> None:
     """Check every source gave text, write the manifest, then make the DATADIR visible with one rename."""
     out = Path(cfg.output)
-    splits = {
-        split: {
-            "rows": sum(e["rows"] for e in state[split]),
-            "tokens": sum(e["tokens"] for e in state[split]),
-            "shards": state[split],
-        }
-        for split in shards.SPLITS
-    }
-    sources = [dict(d, **state["sources"].get(str(i), dict.fromkeys(STAT_KEYS, 0))) for i, d in enumerate(described)]
-    for source in sources:
-        check_source(source["spec"], source)
-    manifest = {
-        "format": shards.FORMAT,
-        "version": shards.VERSION,
-        "seq_len": layout["seq_len"],
-        "dtype": layout["dtype"],
-        "tokenizer": dict(layout["tokenizer"], files=file_hashes(work / "tokenizer")),
-        "splits": splits,
-        "val_fraction": layout["val_fraction"],
-        "val_rows": layout["val_rows"],
-        "pad_tokens": state.get("pad_tokens", 0),
-        "sources": sources,
-        "options": {"read": layout["read"], "shard_rows": layout["shard_rows"], "chunks": len(layout["chunks"])},
-        "command": list(cfg.command),
-    }
-    _log_notices(sources, cfg.read)
+    manifest = build_manifest(work, layout, described, state, cfg.command)
+    _log_notices(manifest["sources"], cfg.read)
     atomic.write_json(work / shards.MANIFEST, manifest)
     if out.exists():  # made by someone else while we worked
         _check_replaceable(out, cfg.overwrite)
