@@ -35,7 +35,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from doge.data.chat import ChatPrepareConfig, prepare_chat
+    from doge.data.chat_prepare import ChatPrepareConfig, prepare_chat
     from doge.data.errors import run_tool  # after parsing: --help answers at once
 
     fields = tuple(args.fields.split(",")) if args.fields else ()
