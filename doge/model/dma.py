@@ -21,17 +21,15 @@ sees the keys at positions <= its own: empty slots lie in every query's future, 
 mask hides them without reading the fill level back to the host.
 
 Sparse path (more visible keys than the window): the bias depends on the key only, so every
-query ranks the keys the same way and query i keeps the keys whose rank is within the
-`keep_window` best of keys 0..i. That cut-off is a running order statistic: one pass over the keys
-with a heap of the `keep_window` best ranks gives every query's cut-off in O(L log keep_window).
-Queries are then processed in chunks of QUERY_CHUNK. Cut-offs only tighten along the sequence, so
-the keys any query of a chunk keeps are at most keep_window + QUERY_CHUNK; the chunk gathers just
-those and attends to them under a (chunk x gathered keys) boolean mask. Compute and peak memory
-per head grow as O(L * keep_window), never O(L^2).
+query ranks the keys the same way and query i keeps the `keep_window` best-ranked keys of 0..i.
+Queries are processed in chunks of QUERY_CHUNK. A key outside the best `keep_window` before a
+chunk is out-ranked by keys every later query sees, so a chunk's candidates are those best keys
+plus its own QUERY_CHUNK keys: it gathers just those and attends to them under a (chunk x
+candidates) boolean mask. Compute and peak memory per head grow as O(L * keep_window), never
+O(L^2), and every shape is fixed by L and the window: the path runs on the device without reading
+anything back, so it compiles into one graph.
 """
 from __future__ import annotations
-
-import heapq
 
 import torch
 import torch.nn.functional as F
@@ -94,33 +92,6 @@ def key_ranks(bias: torch.Tensor) -> torch.Tensor:
     return ranks.scatter_(-1, positions, arange).float()
 
 
-def rank_cutoffs(ranks: torch.Tensor, key_mask: torch.Tensor | None, keep_window: int) -> torch.Tensor:
-    """(B, Hkv, L) cut-offs: [..., i] is the keep_window-th smallest rank among the real keys
-    0..i (inf while fewer are visible), so query i keeps exactly the visible keys ranked <= it.
-
-    A max-heap of the keep_window best ranks seen so far, one pass per (batch, head) row on the
-    host (ranks are a permutation, so there are no ties to break here)."""
-    batch, heads, length = ranks.shape
-    rows = ranks.detach().float().cpu().tolist()
-    real = key_mask[:, :length].bool().cpu().tolist() if key_mask is not None else [[True] * length] * batch
-    cutoffs = [[_running_cutoff(rows[b][h], real[b], keep_window) for h in range(heads)] for b in range(batch)]
-    return torch.tensor(cutoffs, device=ranks.device)
-
-
-def _running_cutoff(ranks: list, real: list, k: int) -> list:
-    """[i] = the k-th smallest of the real ranks[:i + 1] (inf while fewer than k)."""
-    best: list[float] = []  # a max-heap (negated) of the k smallest ranks so far
-    out = []
-    for rank, is_real in zip(ranks, real):
-        if is_real:
-            if len(best) < k:
-                heapq.heappush(best, -rank)
-            elif -rank > best[0]:
-                heapq.heapreplace(best, -rank)
-        out.append(-best[0] if len(best) == k else float("inf"))
-    return out
-
-
 def _sdpa(q, k, v, scaling, **kwargs):
     """SDPA with K/V repeated to the query heads. (SDPA's own enable_gqa has a CPU backward that
     was 3-5x slower with 2 threads than with 1 here; the copy costs B*H*L*D floats.)"""
@@ -173,45 +144,45 @@ def eager_dma_attention(q, k, v, bias, *, scaling: float, keep_window: int, key_
 
 
 def _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask, query_positions):
-    """Chunk over queries; each chunk attends only to the keys some query of it keeps.
+    """Chunk over queries; each chunk attends only to the keys some query of it can keep.
 
-    With a static cache (query_positions given) the slots after the last query are empty: they
-    are marked as padding. The queries' offset is read back once here; this path already reads the
-    ranks back for its cut-offs."""
+    A key before the chunk that is not among the `keep_window` best-ranked keys before the chunk
+    is out-ranked by that many keys every later query sees, so no later query keeps it. The
+    candidates of a chunk are therefore the carried best keys plus the chunk's own keys; sorted by
+    rank, query i keeps the first `keep_window` of those at positions <= i (a cumulative count),
+    and the chunk's best `keep_window` candidates are carried on. All of it is tensor work of fixed
+    shapes: no host reads, nothing that stops a compiled graph. Padding keys rank last and are
+    never kept. With a static cache (query_positions given) the queries' offset is read back once;
+    that path serves generation only."""
     q_len, k_len = qf.shape[2], kf.shape[2]
     groups = qf.shape[1] // kf.shape[1]
     offset = k_len - q_len if query_positions is None else int(query_positions[0])
-    key_mask = real_keys(key_mask, k_len)
-    if query_positions is not None:
-        filled = (torch.arange(k_len, device=qf.device) < offset + q_len).expand(qf.shape[0], -1)
-        key_mask = filled if key_mask is None else key_mask & filled
     ranks = key_ranks(bias.detach())
-    cutoffs = rank_cutoffs(ranks, key_mask, keep_window)
-    real = key_mask[:, None] if key_mask is not None else None
+    real = real_keys(key_mask, k_len)
+    if real is not None:
+        ranks = ranks.masked_fill(~real[:, None], float("inf"))
+    carried = ranks[..., :offset].topk(min(keep_window, offset), dim=-1, largest=False).indices
     outs = []
     for start in range(0, q_len, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, q_len)
         first, last = offset + start, offset + stop  # the chunk's query positions
-        index, keep = _chunk_keys(ranks[..., :last], cutoffs[..., first:last], real, first)
+        index, keep = _chunk_keys(ranks, carried, first, last, keep_window)
         keys, values = (t.gather(2, index[..., None].expand(-1, -1, -1, t.shape[-1])) for t in (kf, vf))
         if groups > 1:
             keep = keep.repeat_interleave(groups, dim=1)
         outs.append(_sdpa(qf[:, :, start:stop], keys, values, scaling, attn_mask=keep))
+        carried = index[..., :keep_window]
     return torch.cat(outs, dim=2)
 
 
-def _chunk_keys(ranks, cutoffs, real, first: int):
-    """Positions (B, Hkv, N) of the keys kept by any query of a chunk, and the (B, Hkv, n, N) mask
-    of which query keeps which. Cut-offs only tighten along the sequence, so the chunk's first
-    query's cut-off bounds them all: N <= keep_window + chunk, whatever the context length."""
-    last = ranks.shape[-1]
-    union = ranks <= cutoffs[..., :1]
-    if real is not None:
-        union = union & real[..., :last]
-    count = int(union.sum(-1).max())
-    index = torch.sort((~union).to(torch.uint8), dim=-1, stable=True).indices[..., :count]
-    kept_ranks, in_union = ranks.gather(-1, index), union.gather(-1, index)
-    queries = torch.arange(first, first + cutoffs.shape[-1], device=ranks.device)
-    keep = (in_union[:, :, None, :] & (kept_ranks[:, :, None, :] <= cutoffs[..., None])
-            & (index[:, :, None, :] <= queries[:, None]))
-    return index, keep
+def _chunk_keys(ranks, carried, first: int, last: int, keep_window: int):
+    """Candidate key positions (B, Hkv, N) of the queries at positions first..last-1, best rank
+    first, and the (B, Hkv, last - first, N) mask of which query keeps which candidate."""
+    batch, heads = ranks.shape[:2]
+    fresh = torch.arange(first, last, device=ranks.device).expand(batch, heads, -1)
+    index = torch.cat((carried, fresh), dim=-1)
+    candidate_ranks, order = ranks.gather(-1, index).sort(dim=-1)
+    index = index.gather(-1, order)
+    queries = torch.arange(first, last, device=ranks.device)
+    visible = (index[:, :, None, :] <= queries[:, None]) & candidate_ranks.isfinite()[:, :, None, :]
+    return index, visible & (visible.cumsum(-1) <= keep_window)
