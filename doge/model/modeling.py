@@ -105,14 +105,16 @@ class DogeDecoderLayer(GradientCheckpointingLayer):
         self.hidden_dropout = config.hidden_dropout
 
     def forward(self, h, rotary, cache=None, key_mask=None, cache_position=None, static_cache=False):
-        """Returns the hidden states (router logits and attention weights reach the output through
-        the capturing hooks on the MLP and attention modules)."""
-        attn, _ = self.self_attn(self.input_layernorm(h), rotary, cache, key_mask, cache_position, static_cache)
+        """Returns (hidden states, router logits or None, attention weights or None). The layer is
+        where all three are captured (`_can_record_outputs`): a hook inside it would stop a
+        layer compiled as one graph."""
+        attn, weights = self.self_attn(self.input_layernorm(h), rotary, cache, key_mask, cache_position, static_cache)
         h = self.input_residual * h + F.dropout(attn, self.hidden_dropout, self.training)
-        mlp_out = self.mlp(self.post_attention_layernorm(h))
+        mlp_out, router_logits = self.mlp(self.post_attention_layernorm(h)), None
         if isinstance(mlp_out, tuple):
-            mlp_out = mlp_out[0]
-        return self.post_attention_residual * h + F.dropout(mlp_out, self.hidden_dropout, self.training)
+            mlp_out, router_logits = mlp_out
+        h = self.post_attention_residual * h + F.dropout(mlp_out, self.hidden_dropout, self.training)
+        return h, router_logits, weights
 
 
 class DogePreTrainedModel(PreTrainedModel):
@@ -127,9 +129,9 @@ class DogePreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False  # the sparse path (sequences past keep_window_size) reads ranks on the host
     _supports_attention_backend = False
     _can_record_outputs = {
-        "router_logits": OutputRecorder(DogeCDMoE, index=1),
+        "router_logits": OutputRecorder(DogeDecoderLayer, index=1),
         "hidden_states": DogeDecoderLayer,
-        "attentions": DogeAttention,
+        "attentions": OutputRecorder(DogeDecoderLayer, index=2),
     }
 
     @classmethod
@@ -194,7 +196,7 @@ class DogeModel(DogePreTrainedModel):
         static = cache is not None and cache.is_compileable
         key_mask = _key_mask(attention_mask)
         for layer in self.layers:
-            h = layer(h, rotary, cache, key_mask, cache_position, static)
+            h = layer(h, rotary, cache, key_mask, cache_position, static)[0]
         # Positional: the cache field is `cache` in newer transformers, `past_key_values` before.
         return MoeModelOutputWithPast(self.norm(h), cache)
 
