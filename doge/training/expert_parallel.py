@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from torch import nn
 
@@ -138,11 +139,12 @@ class ExpertParallelCDMoE(DogeCDMoE, MoE):
         tokens = _GatherFromGroup.apply(flat, self.ep_group)
         weights = _GatherFromGroup.apply(weights, self.ep_group)
         rows = gather_ids(experts, self.ep_group) - self.first_row
-        token, slot = ((rows >= 0) & (rows < self.shard.down_embed.num_embeddings)).nonzero(as_tuple=True)
-        row = rows[token, slot]
-        down, up = self.shard.down_embed.weight[row], self.shard.up_embed.weight[row]
-        gates = self.act_fn((down.to(flat.dtype) * tokens[token]).sum(-1)) * weights[token, slot]
-        partial = tokens.new_zeros(tokens.shape).index_add(0, token, (gates[:, None] * up).to(flat.dtype))
+        mine = (rows >= 0) & (rows < self.shard.down_embed.num_embeddings)  # pairs this shard serves
+        rows = torch.where(mine, rows, 0)  # fixed shapes (no nonzero): other shards' pairs get gate 0
+        down = F.embedding(rows, self.shard.down_embed.weight)  # (E*T, k, hidden)
+        gates = self.act_fn(torch.bmm(down.to(flat.dtype), tokens.unsqueeze(-1)).squeeze(-1)) * weights * mine
+        partial = F.embedding_bag(rows, self.shard.up_embed.weight, mode="sum",
+                                  per_sample_weights=gates.to(self.shard.up_embed.weight.dtype)).to(flat.dtype)
         routed = _ReduceScatterToGroup.apply(partial, self.ep_group)
         return DogeMLP.forward(self, x) + routed.view_as(x), router_logits
 

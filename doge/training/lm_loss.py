@@ -24,7 +24,8 @@ def router_statistics(router_logits: tuple[torch.Tensor, ...], num_experts: int,
     for logits in router_logits:
         num_keys = logits.shape[-1] // 2
         _, experts = product_key_topk(logits.float(), num_keys, top_k)
-        counts = torch.bincount(experts.reshape(-1), minlength=num_experts).float()
+        flat = experts.reshape(-1)  # a fixed-size scatter, not bincount: its size is read from the data on GPUs
+        counts = torch.zeros(num_experts, device=flat.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
         if group is not None:
             torch.distributed.all_reduce(counts, group=group)
         used.append((counts > 0).float().mean())
@@ -37,7 +38,8 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor):
     reported `loss` is the language-modelling part alone, comparable across dense and CDMoE runs."""
     net = getattr(model, "module", model)
     config = net.config
-    out = model(input_ids=input_ids, labels=labels, skip_logits=True, output_router_logits=config.is_moe)
+    out = model(input_ids=input_ids, labels=labels, skip_logits=True, output_router_logits=config.is_moe,
+                use_cache=False)
     if not config.is_moe:
         return out.loss, {"loss": out.loss.detach()}
     aux = out.aux_loss.detach()
