@@ -59,7 +59,9 @@ def start(plan: Plan, dist: Dist) -> Trainer:
             print(note, flush=True)
     barrier()
     engine = build_engine(plan.start.config, plan.ds_config, plan.recipe.weight_decay, plan.recipe.seed,
-                          plan.start.init_weights, plan.recipe.expert_parallel_size, plan.start.upcycle_from)
+                          plan.start.init_weights, plan.recipe.expert_parallel_size, plan.start.upcycle_from,
+                          compiled=plan.compiled, dynamic_length=plan.objective.variable_length,
+                          checkpointing=plan.recipe.activation_checkpointing)
     if plan.start.source is not None:
         loaded = load_start(engine, plan, dist)
         plan.start.source, plan.start.source_state = loaded, ckpt.TrainerState.read(loaded)
@@ -86,7 +88,9 @@ def open_reporting(trainer: Trainer) -> None:
     n_params = sum(p.numel() for p in trainer.engine.module.parameters())
     trainer.message(f"{origin} at step {state.step}: {n_params / 1e6:.2f}M params, world {dist.world}, global "
                     f"batch {plan.global_batch} x {recipe.seq_len} tokens, grad accum {plan.grad_accum}, "
-                    f"{'bf16' if plan.bf16 else 'fp32'}; {plan.objective.describe()}")
+                    f"{'bf16' if plan.bf16 else 'fp32'}, {'compiled' if plan.compiled else 'eager'}"
+                    f"{', activation checkpointing' if recipe.activation_checkpointing else ''}; "
+                    f"{plan.objective.describe()}")
     if recipe.eval_interval and not plan.objective.eval_batches(dist, recipe.micro_batch_size, recipe.eval_samples):
         trainer.message(f"validation off: the held-out split has fewer samples than micro batch x world = "
                         f"{dist.world * recipe.micro_batch_size}; prepare more with --val-fraction/--val-rows")

@@ -53,11 +53,29 @@ def init_distributed() -> Dist:
         os.environ.setdefault(key, default)
     on_cpu = get_accelerator().device_name() == "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    if not on_cpu:  # host flags travel over gloo, so agreeing on them never waits for the GPU
+        _host_group.append(dist.new_group(backend="gloo"))
     # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
     if on_cpu and "OMP_NUM_THREADS" not in os.environ:  # the launcher may not split the cores
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
     return Dist(dist.get_rank(), dist.get_world_size(), local_world)
+
+
+_host_group: list = []  # a gloo group beside nccl; on CPU the default (gloo) group serves
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is set on any rank: a host-side collective (the value never touches the
+    device, so asking every step costs no device synchronisation)."""
+    import numpy as np
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return flag
+    value = np.array([float(flag)], dtype=np.float32)
+    dist.all_reduce(torch.from_numpy(value), group=_host_group[0] if _host_group else None)
+    return bool(value[0] > 0)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from doge.model.configuration import DogeConfig
 from doge.model.modeling import DogeForCausalLM
 from doge.training import checkpoint as ckpt
+from doge.training.compile import compile_model
 from doge.training.distributed import Dist, all_reduce_sum
 from doge.training.recipe import ConfigError
 
@@ -21,13 +22,19 @@ if TYPE_CHECKING:
     from doge.training.preflight import Plan
 
 
+def device_type() -> str:
+    """"cuda", "cpu", ...: the accelerator DeepSpeed found."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
 def use_bf16(precision: str) -> bool:
     """`auto`: bf16 where the accelerator has it natively (GPUs), fp32 on CPU."""
     from deepspeed.accelerator import get_accelerator
 
-    accel = get_accelerator()
-    return precision == "bf16" or (precision == "auto" and accel.device_name() != "cpu"
-                                   and accel.is_bf16_supported())
+    return precision == "bf16" or (precision == "auto" and device_type() != "cpu"
+                                   and get_accelerator().is_bf16_supported())
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -37,11 +44,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_engine(config: DogeConfig, ds_config: dict, weight_decay: float, seed: int, weights: Path | None = None,
-                 expert_parallel_size: int = 1, upcycle_from: DogeConfig | None = None):
+                 expert_parallel_size: int = 1, upcycle_from: DogeConfig | None = None, *,
+                 compiled: bool = False, dynamic_length: bool = False, checkpointing: bool = False):
     """A freshly initialised model (seeded), or one holding `weights` (an HF export or a checkpoint;
     with `upcycle_from`, the weights of that dense model, upcycled to `config`), wrapped in a
     DeepSpeed engine with a fresh optimizer; CDMoE expert tables sharded over `expert_parallel_size`
-    ranks (the full model is built on every rank first, so every shard starts as its rows of it)."""
+    ranks (the full model is built on every rank first, so every shard starts as its rows of it).
+    `compiled`: decoder layers and LM head through torch.compile (`dynamic_length`: micro-batches
+    of varying length); `checkpointing`: each decoder layer's activations recomputed in backward."""
     import deepspeed
 
     from doge.training import expert_parallel
@@ -55,9 +65,40 @@ def build_engine(config: DogeConfig, ds_config: dict, weight_decay: float, seed:
     if upcycle_from is not None:
         model = upcycle(model, config)
     expert_parallel.apply(model, expert_parallel_size)
+    if checkpointing:  # non-reentrant: works with compiled layers and with ZeRO's gradient hooks
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compiled:  # ZeRO-3 gathers each submodule's parameters in hooks a graph cannot hold
+        compile_model(model, dynamic_length, fullgraph=ds_config.get("zero_optimization", {}).get("stage", 0) != 3)
     groups = expert_parallel.optimizer_groups(param_groups(model, weight_decay))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    skip_nonfinite_on_device(engine)
     return engine
+
+
+def skip_nonfinite_on_device(engine) -> None:
+    """Skip an update whose global gradient norm is not finite without reading the norm back.
+
+    DeepSpeed's ZeRO-1/2 optimizer decides to skip a step on the host (a device sync per step)
+    unless bf16 runs with `check_grad_overflow: false` (the ds_configs' setting). Then the inner
+    torch AdamW, fused, gets `found_inf` = (norm is not finite) before every step: its kernel
+    leaves weights, moments and step count untouched on such a step, all on the device. The norm
+    is DeepSpeed's `_global_grad_norm`, set just before it calls the inner step (deepspeed 0.19)."""
+    zero = engine.optimizer
+    inner = getattr(zero, "optimizer", None)
+    if getattr(zero, "check_grad_overflow", True) or not isinstance(inner, torch.optim.AdamW):
+        return
+    if not inner.defaults.get("fused"):
+        raise ConfigError("bf16.check_grad_overflow is false in the DeepSpeed config but the optimizer is not "
+                          "torch's fused AdamW, which would then apply non-finite updates: set "
+                          '"fused": true in optimizer.params (with "torch_adam": true) or check_grad_overflow true')
+    step = inner.step
+
+    def guarded_step(*args, **kwargs):
+        norm = zero._global_grad_norm
+        inner.found_inf = (~torch.isfinite(norm)).float() if torch.is_tensor(norm) else None
+        return step(*args, **kwargs)
+
+    inner.step = guarded_step
 
 
 def load_start(engine, plan: "Plan", dist: Dist) -> Path:

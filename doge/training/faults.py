@@ -8,15 +8,33 @@ Unset, `pause` is one dictionary lookup.
 `DOGE_FAULT_STEP_SECONDS="SECONDS"` makes every optimizer step take at least SECONDS of wall time
 (a sleep before the next step: no number changes, so a run stays bit-identical), so a time-limit
 test knows how long the run takes however fast the machine is. Unset, `pace` is one lookup.
+
+`DOGE_FAULT_SYNC_PROBE="STEP"` profiles optimizer step STEP on every rank and writes, to
+`RUNDIR/sync-probe/rank-R.json`, how many dispatched operations in it force the host to wait for
+the device (`SYNC_OPS`, device-to-host copies, explicit synchronisations) and how many operations
+were seen in all, so a test proves the step never waits. Unset, `sync_probe` is one lookup.
+
+`DOGE_FAULT_STRICT_COMPILE="STEP"` sets `torch.compiler.set_stance("fail_on_recompile")` after
+optimizer step STEP: any later recompilation of a compiled layer ends the run with dynamo's error.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
 
 PAUSE_ENV = "DOGE_FAULT_PAUSE"
 STEP_SECONDS_ENV = "DOGE_FAULT_STEP_SECONDS"
+SYNC_PROBE_ENV = "DOGE_FAULT_SYNC_PROBE"
+STRICT_COMPILE_ENV = "DOGE_FAULT_STRICT_COMPILE"
+# Dispatches that read a device value on the host (or size a result by the data, which does too).
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::masked_select", "aten::unique",
+            "aten::_unique2", "aten::bincount", "aten::repeat_interleave.Tensor")
+SYNC_EVENTS = ("Memcpy DtoH", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 _last_step_start: list[float] = []
 
 
@@ -35,3 +53,30 @@ def pace() -> None:
     if _last_step_start:
         time.sleep(max(0.0, _last_step_start[-1] + float(seconds) - time.monotonic()))
     _last_step_start[:] = [time.monotonic()]
+
+
+@contextmanager
+def sync_probe(step: int, rundir: Path, rank: int):
+    """Profile the enclosed code when `step` is the probed one; write what forced a host wait."""
+    if os.environ.get(SYNC_PROBE_ENV) != str(step):
+        yield
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        yield
+    names = [event.name for event in prof.events()]
+    syncs = Counter(n for n in names if n in SYNC_OPS or any(e in n for e in SYNC_EVENTS))
+    out = Path(rundir) / "sync-probe" / f"rank-{rank}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"step": step, "operations": len(names), "syncs": dict(syncs)}))
+
+
+def after_step(step: int) -> None:
+    """Called after every optimizer step: turns recompiles into errors once the probed step is done."""
+    if os.environ.get(STRICT_COMPILE_ENV) == str(step):
+        import torch
+
+        torch.compiler.set_stance("fail_on_recompile")

@@ -1,9 +1,16 @@
 """The training loop, the same for every objective.
 
 Per optimizer step: set the LR from the schedule, run the objective's micro-batches through the
-engine (DeepSpeed accumulates and steps at the boundary), reduce the metrics and the stop flag
-over ranks in one collective, guard against non-finite steps, then log, evaluate and checkpoint
-on their intervals. A stop signal (SIGUSR1/SIGTERM) on any rank ends the step, saves and returns.
+engine (DeepSpeed accumulates and steps at the boundary), agree over ranks on the stop flag, then
+log, evaluate and checkpoint on their intervals. A stop signal (SIGUSR1/SIGTERM) on any rank ends
+the step, saves and returns.
+
+The step never waits for the device: its metrics (and the gradient norm) stay device tensors
+until a step that logs, evaluates, saves or stops. There the pending steps' metrics are reduced
+over ranks in one collective and read back at once, and each pending step is then guarded
+against non-finite values and logged in order, as if it had been read when it ran. The stop flag
+is a host value exchanged on the host. Non-finite steps are skipped by the optimizer itself
+(DeepSpeed's check, or on the device: `doge.training.engine.skip_nonfinite_on_device`).
 """
 from __future__ import annotations
 
@@ -16,9 +23,9 @@ import torch
 from deepspeed import DeepSpeedEngine
 
 from doge.training import checkpoint as ckpt
-from doge.training.distributed import Dist, all_reduce_sum
+from doge.training.distributed import Dist, all_reduce_sum, any_rank
 from doge.training.engine import set_lr
-from doge.training.faults import pace, pause
+from doge.training.faults import after_step, pace, pause, sync_probe
 from doge.training.metrics import Reporter, Throughput
 from doge.training.preflight import Plan
 
@@ -75,19 +82,26 @@ class Trainer:
     def recipe(self):
         return self.plan.recipe
 
-    def reduce(self, values: dict[str, torch.Tensor], stop: bool) -> tuple[dict[str, float], bool]:
-        """Rank means of `values` and whether any rank wants to stop, in one collective."""
+    def reduce(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Rank means of scalar `values`, read back."""
+        return dict(zip(values, self.rank_means([values])[0].tolist()))
+
+    def rank_means(self, rows: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """(steps, metrics) rank means of several steps' scalar metrics (same keys), in one collective."""
         device = self.engine.device  # nccl reduces device tensors only
-        flat = torch.stack([v.float().reshape(()).to(device) / self.dist.world for v in values.values()]
-                           + [torch.tensor(float(stop), device=device)])
-        all_reduce_sum(flat)
-        return dict(zip(values, flat[:-1].tolist())), flat[-1].item() > 0
+        table = torch.stack([torch.stack([v.float().reshape(()).to(device) for v in row.values()]) for row in rows])
+        return all_reduce_sum(table / self.dist.world)
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
+        """Pinned host memory and a non-blocking copy on GPUs: the host goes on preparing the next batch."""
+        device = self.engine.device
+        if torch.device(device).type == "cuda":
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
-    def train_step(self) -> tuple[dict[str, float], bool]:
-        """One optimizer step; returns (metrics averaged over micro-batches and ranks, stop requested)."""
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step; returns this rank's metrics (means over its micro-batches) and the global
+        gradient norm, as device tensors: nothing is read back here."""
         objective, step = self.plan.objective, self.state.step + 1
         batches = objective.train_batches(self.state.samples_consumed, self.plan.global_batch, self.dist,
                                           self.recipe.micro_batch_size)
@@ -101,10 +115,10 @@ class Trainer:
             self.engine.step()  # DeepSpeed applies the update at the accumulation boundary only
             accumulate(sums, {"objective": loss.detach(), **metrics})
             pause("step", step)  # after the first micro-batch: mid-accumulation
-        means, stop = self.reduce({k: v / len(batches) for k, v in sums.items()}, bool(_stop_requested))
-        norm = self.engine.get_global_grad_norm()
-        means["grad_norm"] = math.nan if norm is None else float(norm)
-        return means, stop
+        norm = self.engine.get_global_grad_norm()  # a device tensor, or a float / None
+        return {**{k: v / len(batches) for k, v in sums.items()},
+                "grad_norm": torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float32,
+                                             device=self.engine.device)}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -118,18 +132,18 @@ class Trainer:
             accumulate(sums, self.plan.objective.loss(self.engine, self.to_device(batch))[1])
             pause("eval", self.state.step)
         self.engine.train()
-        means, _ = self.reduce({k: v / len(batches) for k, v in sums.items()}, False)
+        means = self.reduce({k: v / len(batches) for k, v in sums.items()})
         return {f"val_{k}": v for k, v in means.items()}
 
-    def guard(self, loss: float, grad_norm: float) -> bool:
-        """Count a non-finite step (DeepSpeed skipped its update); stop after --max-bad-steps in a row."""
+    def guard(self, step: int, loss: float, grad_norm: float) -> bool:
+        """Count a non-finite step (its update was skipped); stop after --max-bad-steps in a row."""
         state, recipe = self.state, self.recipe
         if math.isfinite(loss) and math.isfinite(grad_norm):
             state.bad_steps_in_row = 0
             return True
         state.bad_steps_in_row += 1
         state.skipped_steps += 1
-        self.message(f"step {state.step}: non-finite loss {loss} / grad norm {grad_norm}, update skipped "
+        self.message(f"step {step}: non-finite loss {loss} / grad norm {grad_norm}, update skipped "
                      f"({state.bad_steps_in_row} in a row)")
         if state.bad_steps_in_row >= recipe.max_bad_steps:
             raise RuntimeError(f"{state.bad_steps_in_row} non-finite steps in a row (--max-bad-steps "
@@ -160,28 +174,43 @@ class Trainer:
         """Steps until max_steps or a stop signal (returns True if stopped), logging, evaluating, saving."""
         recipe, state, plan = self.recipe, self.state, self.plan
         tokens_per_step = plan.global_batch * recipe.seq_len
-        interval, stopped = Interval(), False
+        interval, pending, stopped = Interval(), [], False
         while state.step < recipe.max_steps and not stopped:
             pace()  # a no-op unless a test sets DOGE_FAULT_STEP_SECONDS
             lr = plan.schedule(state.step)
             set_lr(self.engine, lr)
-            metrics, stopped = self.train_step()
-            grad_norm = metrics.pop("grad_norm")
+            with sync_probe(state.step + 1, plan.rundir, self.dist.rank):
+                pending.append((state.step + 1, lr, self.train_step()))
+                stopped = any_rank(bool(_stop_requested))
             state.step += 1
             state.samples_consumed += plan.global_batch
             state.tokens_seen += tokens_per_step
-            interval.add(metrics, self.guard(metrics["objective"], grad_norm))
             last = state.step == recipe.max_steps
             if self.reporter:
                 self.reporter.advance(state.step)
                 self.throughput.add(tokens_per_step)
-            if state.step % recipe.log_interval == 0 or last:
-                self.log(interval, lr, grad_norm)
-            if recipe.eval_interval and (state.step % recipe.eval_interval == 0 or last):
+            evaluate = recipe.eval_interval and (state.step % recipe.eval_interval == 0 or last)
+            save = stopped or last or (recipe.save_interval and state.step % recipe.save_interval == 0)
+            if evaluate or save or state.step % recipe.log_interval == 0:
+                self.settle(pending, interval)
+                pending = []
+            if evaluate:
                 self.validate()
-            if stopped or last or (recipe.save_interval and state.step % recipe.save_interval == 0):
+            if save:
                 self.save(stopped)
+            after_step(state.step)
         return stopped
+
+    def settle(self, pending: list, interval: Interval) -> None:
+        """Read the pending steps' metrics back at once, then guard and log each step in order."""
+        keys = [k for k in pending[0][2] if k != "grad_norm"]
+        means = self.rank_means([{k: metrics[k] for k in keys} for _, _, metrics in pending])
+        norms = torch.stack([metrics["grad_norm"] for _, _, metrics in pending])  # global already
+        for (step, lr, _), row in zip(pending, torch.cat((means, norms[:, None]), dim=1).tolist()):
+            values, grad_norm = dict(zip(keys, row[:-1])), row[-1]
+            interval.add(values, self.guard(step, values["objective"], grad_norm))
+            if step % self.recipe.log_interval == 0 or step == self.recipe.max_steps:
+                self.log(interval, lr, grad_norm)
 
     def validate(self) -> None:
         metrics = self.evaluate()

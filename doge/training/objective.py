@@ -31,6 +31,8 @@ class Objective(ABC):
     tokenizer_fingerprint: str
     #: the tokenizer folder copied into every checkpoint and export (None if the data has none)
     tokenizer_dir: Path | None
+    #: micro-batches vary in length (rows cut to their longest): compiled layers mark it dynamic
+    variable_length: bool = False
 
     @classmethod
     @abstractmethod

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -57,14 +58,19 @@ def check_model_tokenizer(data: str, chat: ChatData, recipe: Recipe) -> None:
                           f"trained with {found}: prepare the data with --tokenizer {folder}")
 
 
-def trim(ids: torch.Tensor, mask: torch.Tensor) -> Batch:
-    """Cut right padding: keep columns up to the last target token of any row."""
-    length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
-    return {"input_ids": ids[:, :length].contiguous(), "loss_mask": mask[:, :length].contiguous()}
+def trim(ids: np.ndarray, mask: np.ndarray) -> Batch:
+    """Cut right padding: keep columns up to the last target token of any row (host arrays, so
+    finding the length reads nothing back from the device)."""
+    ids, mask = np.asarray(ids), np.asarray(mask)
+    targets = np.flatnonzero(mask.any(0))
+    length = int(targets[-1]) + 1 if len(targets) else 1
+    return {"input_ids": torch.from_numpy(np.ascontiguousarray(ids[:, :length])),
+            "loss_mask": torch.from_numpy(np.ascontiguousarray(mask[:, :length]))}
 
 
 class ChatObjective(Objective):
     kind: str
+    variable_length = True
 
     def __init__(self, train: ChatData, val: ChatData | None):
         self.train, self.val = train, val
@@ -92,8 +98,7 @@ class ChatObjective(Objective):
     def _batches(self, data: ChatData, examples, micro: int) -> list[Batch]:
         ids, mask = data.rows(examples)
         rows = micro * data.rows_per_example
-        return [trim(torch.from_numpy(ids[i:i + rows]), torch.from_numpy(mask[i:i + rows]))
-                for i in range(0, len(ids), rows)]
+        return [trim(ids[i:i + rows], mask[i:i + rows]) for i in range(0, len(ids), rows)]
 
     def train_batches(self, samples_consumed: int, global_batch: int, dist: Dist, micro: int) -> list[Batch]:
         per_rank = global_batch // dist.world

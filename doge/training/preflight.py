@@ -19,7 +19,8 @@ from doge.training import checkpoint as ckpt
 from doge.training import runlock
 from doge.training.distributed import rank_from_env
 from doge.training.ds_config import fill as fill_ds_config
-from doge.training.engine import use_bf16
+from doge.training.compile import compile_wanted
+from doge.training.engine import device_type, use_bf16
 from doge.training.objective import Objective
 from doge.training.recipe import ConfigError, Recipe, flag
 from doge.training.schedule import WSD
@@ -39,6 +40,7 @@ class Plan:
     grad_accum: int
     ds_config: dict
     bf16: bool
+    compiled: bool  # decoder layers and LM head through torch.compile
     reshard: bool = False  # the source was written at another world size or expert-parallel size
     lock_note: str | None = None  # a stale lock taken over
 
@@ -243,6 +245,7 @@ def preflight(args: argparse.Namespace, recipe: Recipe, objective_cls: type[Obje
         "expert_parallel_size", 1)) != (world, recipe.expert_parallel_size)
     if reshard:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    compiled = compile_wanted(recipe.compile, device_type())
     return Plan(recipe, rundir, world, start, objective, schedule, global_batch, grad_accum, ds_config, bf16,
-                reshard, runlock.acquire(rundir) if main_rank else None)
+                compiled, reshard, runlock.acquire(rundir) if main_rank else None)
 

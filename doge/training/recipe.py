@@ -24,6 +24,7 @@ from doge.training.schedule import DECAY_SHAPES
 PRECISIONS = ("auto", "bf16", "fp32")
 WANDB_MODES = ("auto", "online", "offline", "off")
 RESUME_MODES = ("auto", "never")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,12 @@ class Recipe:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = off)", low=0.0)
     precision: str = _f("auto", "bf16, fp32, or auto (bf16 on GPUs that support it; fp32 on CPU, where bf16 "
                                 "measured ~6x slower)", choices=PRECISIONS)
+    compile: str = _f("auto", "torch.compile each decoder layer and the LM-head loss: auto (on for CUDA GPUs; off "
+                              "on CPU, where the step is GEMM-bound and the cold compile costs minutes), on, off",
+                      choices=COMPILE_MODES)
+    activation_checkpointing: bool = _f(False, "recompute each decoder layer's activations in the backward pass "
+                                               "instead of keeping them: far less activation memory for about "
+                                               "a third more compute (e.g. doge-320m at seq 2048 on a 40 GB GPU)")
     expert_parallel_size: int = _f(1, "ranks that share each CDMoE layer's expert tables, each holding 1/E of the "
                                       "rows (E divides the world size; ZeRO-1/2 without offload)", low=1)
     upcycle_experts: typing.Optional[int] = _f(None, "turn the dense start model (--model EXPORT or checkpoint, "
