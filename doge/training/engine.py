@@ -71,34 +71,52 @@ def build_engine(config: DogeConfig, ds_config: dict, weight_decay: float, seed:
         compile_model(model, dynamic_length, fullgraph=ds_config.get("zero_optimization", {}).get("stage", 0) != 3)
     groups = expert_parallel.optimizer_groups(param_groups(model, weight_decay))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-    skip_nonfinite_on_device(engine)
+    guard_on_device(engine)
     return engine
 
 
-def skip_nonfinite_on_device(engine) -> None:
-    """Skip an update whose global gradient norm is not finite without reading the norm back.
+def guard_on_device(engine) -> None:
+    """Clip gradients and skip non-finite updates without reading the gradient norm back.
 
-    DeepSpeed's ZeRO-1/2 optimizer decides to skip a step on the host (a device sync per step)
-    unless bf16 runs with `check_grad_overflow: false` (the ds_configs' setting). Then the inner
-    torch AdamW, fused, gets `found_inf` = (norm is not finite) before every step: its kernel
-    leaves weights, moments and step count untouched on such a step, all on the device. The norm
-    is DeepSpeed's `_global_grad_norm`, set just before it calls the inner step (deepspeed 0.19)."""
+    DeepSpeed's ZeRO-1/2 optimizer decides on the host whether a step's norm is finite, both to
+    skip the step and before clipping: a device sync every optimizer step. bf16 runs with
+    `check_grad_overflow: false` (the shipped ds_configs) skip the first; this takes over the
+    second. The inner torch AdamW, fused, is handed before each of its steps the gradients clipped
+    by DeepSpeed's own rule and `found_inf` = (norm not finite): its kernel then leaves weights,
+    moments and step count untouched, all on the device. The norm is DeepSpeed's
+    `_global_grad_norm`, set just before it calls the inner step (deepspeed 0.19); an invalid norm
+    is the sentinel -1 there. DeepSpeed marks that sentinel with a device tensor as fill value,
+    which `masked_fill_` reads back to the host: the same marking with a plain number replaces it."""
     zero = engine.optimizer
     inner = getattr(zero, "optimizer", None)
-    if getattr(zero, "check_grad_overflow", True) or not isinstance(inner, torch.optim.AdamW):
+    if getattr(zero, "check_grad_overflow", True) or zero.dtype != torch.bfloat16 or not isinstance(
+            inner, torch.optim.AdamW):
         return
     if not inner.defaults.get("fused"):
         raise ConfigError("bf16.check_grad_overflow is false in the DeepSpeed config but the optimizer is not "
                           "torch's fused AdamW, which would then apply non-finite updates: set "
                           '"fused": true in optimizer.params (with "torch_adam": true) or check_grad_overflow true')
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    stage_1_and_2.mask_nan_or_inf_with_val_inplace = _mark_invalid_norm
+    clip, zero.clip_grad = zero.clip_grad, 0.0  # DeepSpeed no longer clips (nor reads the norm to do so)
     step = inner.step
 
     def guarded_step(*args, **kwargs):
         norm = zero._global_grad_norm
-        inner.found_inf = (~torch.isfinite(norm)).float() if torch.is_tensor(norm) else None
+        inner.found_inf = (~torch.isfinite(norm) | (norm < 0)).float()
+        if clip > 0:
+            scale = torch.clamp((norm + 1e-6) / clip, min=1.0)  # DeepSpeed's rule, on the device
+            grads = [p.grad for group in inner.param_groups for p in group["params"] if p.grad is not None]
+            torch._foreach_mul_(grads, 1.0 / scale)
         return step(*args, **kwargs)
 
     inner.step = guarded_step
+
+
+def _mark_invalid_norm(norm: torch.Tensor, device=None, val: float = -1.0) -> None:
+    """A non-finite norm becomes `val` in place (DeepSpeed's rule), filled with a plain number."""
+    norm.masked_fill_(~torch.isfinite(norm), val)
 
 
 def load_start(engine, plan: "Plan", dist: Dist) -> Path:

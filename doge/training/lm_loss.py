@@ -24,8 +24,8 @@ def router_statistics(router_logits: tuple[torch.Tensor, ...], num_experts: int,
     for logits in router_logits:
         num_keys = logits.shape[-1] // 2
         _, experts = product_key_topk(logits.float(), num_keys, top_k)
-        flat = experts.reshape(-1)  # a fixed-size scatter, not bincount: its size is read from the data on GPUs
-        counts = torch.zeros(num_experts, device=flat.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
+        flat = experts.reshape(-1)  # a fixed-size scatter, not bincount (which reads its size from the data)
+        counts = torch.zeros(num_experts, device=flat.device).index_add_(0, flat, torch.ones(flat.shape))
         if group is not None:
             torch.distributed.all_reduce(counts, group=group)
         used.append((counts > 0).float().mean())

@@ -10,7 +10,7 @@ until a step that logs, evaluates, saves or stops. There the pending steps' metr
 over ranks in one collective and read back at once, and each pending step is then guarded
 against non-finite values and logged in order, as if it had been read when it ran. The stop flag
 is a host value exchanged on the host. Non-finite steps are skipped by the optimizer itself
-(DeepSpeed's check, or on the device: `doge.training.engine.skip_nonfinite_on_device`).
+(DeepSpeed's check, or on the device: `doge.training.engine.guard_on_device`).
 """
 from __future__ import annotations
 
@@ -116,9 +116,9 @@ class Trainer:
             accumulate(sums, {"objective": loss.detach(), **metrics})
             pause("step", step)  # after the first micro-batch: mid-accumulation
         norm = self.engine.get_global_grad_norm()  # a device tensor, or a float / None
+        norm = torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float32, device=self.engine.device)
         return {**{k: v / len(batches) for k, v in sums.items()},
-                "grad_norm": torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float32,
-                                             device=self.engine.device)}
+                "grad_norm": torch.where(norm < 0, math.inf, norm)}  # DeepSpeed's -1: a non-finite norm
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

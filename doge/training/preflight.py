@@ -17,9 +17,9 @@ from pathlib import Path
 from doge.model.configuration import PRESETS, DogeConfig
 from doge.training import checkpoint as ckpt
 from doge.training import runlock
+from doge.training.compile import compile_wanted
 from doge.training.distributed import rank_from_env
 from doge.training.ds_config import fill as fill_ds_config
-from doge.training.compile import compile_wanted
 from doge.training.engine import device_type, use_bf16
 from doge.training.objective import Objective
 from doge.training.recipe import ConfigError, Recipe, flag
