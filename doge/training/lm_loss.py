@@ -25,7 +25,7 @@ def router_statistics(router_logits: tuple[torch.Tensor, ...], num_experts: int,
         num_keys = logits.shape[-1] // 2
         _, experts = product_key_topk(logits.float(), num_keys, top_k)
         flat = experts.reshape(-1)  # a fixed-size scatter, not bincount (which reads its size from the data)
-        counts = torch.zeros(num_experts, device=flat.device).index_add_(0, flat, torch.ones(flat.shape, device=flat.device))
+        counts = torch.zeros(num_experts, device=flat.device).index_add_(0, flat, torch.ones_like(flat).float())
         if group is not None:
             torch.distributed.all_reduce(counts, group=group)
         used.append((counts > 0).float().mean())
