@@ -163,7 +163,8 @@ def _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask, query_po
         ranks = ranks.masked_fill(~real[:, None], float("inf"))
     carried = ranks[..., :offset].topk(min(keep_window, offset), dim=-1, largest=False).indices
     outs = []
-    for start in range(0, q_len, QUERY_CHUNK):
+    # One chunk needs no loop over the length, which a compiled graph would have to fix per length.
+    for start in range(0, q_len, QUERY_CHUNK) if q_len > QUERY_CHUNK else (0,):
         stop = min(start + QUERY_CHUNK, q_len)
         first, last = offset + start, offset + stop  # the chunk's query positions
         index, keep = _chunk_keys(ranks, carried, first, last, keep_window)

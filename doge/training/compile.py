@@ -11,7 +11,9 @@ chains. The unit compiled is a decoder layer's `forward` (and the LM head's), no
   load-balancing loss, hidden states), so capturing outputs stays outside the graph.
 
 Variable-length micro-batches (chat rows cut to their longest target) mark the sequence
-dimension dynamic, so one layer graph serves every length instead of one compilation per length.
+dimension dynamic, so one layer graph serves every length instead of one compilation per length
+(except where the sparse DMA path runs over more than one chunk of queries: past QUERY_CHUNK
+queries and the keep window, a new length compiles anew).
 The LM head then stays eager: its loss loops over chunks of tokens, a count dynamo would fix per
 length, and its time is two GEMMs per chunk either way.
 """
