@@ -12,7 +12,9 @@ from doge import DogeConfig, DogeForCausalLM
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The data files the data, trainer and evaluation tests read: small, openly licensed, in the repository
+# (tests/assets/SOURCES.md names each file's source, licence and how it was cut).
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def tiny_config(**overrides) -> DogeConfig:

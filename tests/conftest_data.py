@@ -1,29 +1,26 @@
 """Shared helpers for the data tests (a plain module: fixtures live in the test files).
 
-The real corpora sit beside the checkout in ../shared/data/pretrain; tests that need them skip
-when that folder is absent. Expensive artefacts (a tokenizer, prepared DATADIRs) are built once
-per test session and cached here.
+The corpora are the repository's own tests/assets/pretrain files. Expensive artefacts (a
+tokenizer, prepared DATADIRs) are built once per test session and cached here.
 """
 import atexit
 import functools
 import json
 import shutil
+import sysconfig
 import tempfile
 from pathlib import Path
 
-import pytest
+from conftest import ASSETS
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-PRETRAIN = SHARED_DATA / "pretrain"
-TEXT_CORPORA = ["tinyshakespeare.txt", "wikitext2_test.raw", "tinystories_val.txt"]
+PRETRAIN = ASSETS / "pretrain"
+# Three text files (python_doc_topics.txt with CRLF line ends) and one JSON Lines file of code.
+TEXT_CORPORA = ["tinyshakespeare.txt", "python_doc_topics.txt", "hh_helpful_dialogues.txt"]
 CODE_CORPUS = "python_edu_thealgorithms.jsonl"
-needs_corpora = pytest.mark.skipif(
-    not PRETRAIN.is_dir(), reason=f"real corpora not found at {PRETRAIN} (../shared/data beside the checkout)"
-)
 VOCAB = 1024
 SEQ_LEN = 256
-# Small shards and chunks so that the real corpora give many of each.
-PREPARE_OPTIONS = dict(seq_len=SEQ_LEN, val_fraction="0.01", shard_rows=400, chunk_bytes=200_000)
+# Small shards and chunks so that the corpora give many of each.
+PREPARE_OPTIONS = dict(seq_len=SEQ_LEN, val_fraction="0.01", shard_rows=40, chunk_bytes=20_000)
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,8 +32,24 @@ def scratch() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
+def python_text() -> list[Path]:
+    """Text that ships with Python itself, ~5 MB in two files: the documentation topics and the
+    stdlib's top-level sources. For the tests that need far more documents and distinct words than
+    the assets hold (the 32768-piece tokenizer, the round trip over thousands of documents)."""
+    import pydoc_data.topics
+
+    out = scratch() / "python-text"
+    out.mkdir(exist_ok=True)
+    topics, source = out / "python_doc_topics_all.txt", out / "python_stdlib_source.txt"
+    topics.write_text("\n\n".join(pydoc_data.topics.topics.values()), encoding="utf-8")
+    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    source.write_text("\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in stdlib), encoding="utf-8")
+    return [topics, source]
+
+
+@functools.lru_cache(maxsize=None)
 def tokenizer_dir() -> Path:
-    """A 1024-token tokenizer trained on all four corpora (a few seconds)."""
+    """A 1024-token tokenizer trained on all four corpora (under a second)."""
     from doge.data.tokenizer import train_tokenizer
 
     return train_tokenizer([str(PRETRAIN)], scratch() / "tokenizer", vocab_size=VOCAB, threads=1)

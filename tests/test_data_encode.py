@@ -7,8 +7,8 @@ from conftest_data import (
     CODE_CORPUS,
     PRETRAIN,
     TEXT_CORPORA,
-    needs_corpora,
     prepare_config,
+    python_text,
     reference_documents,
     reference_tokens,
     scratch,
@@ -18,7 +18,6 @@ from conftest_data import (
 from doge.data import encode
 from doge.data.encode import DirectEncoder, MemoEncoder, make_encoder, why_not_memoised
 
-pytestmark = needs_corpora
 SPACE = "\u2581"
 EDGE_TEXTS = [
     "", " ", "   ", "a", " a", "a ", "  leading and trailing  ", "runs   of    spaces and\u00a0no-break",
@@ -73,15 +72,16 @@ def test_memoised_ids_are_the_tokenizers_on_every_document_and_edge_case():
 
 
 def test_memoised_ids_with_the_production_vocabulary_and_a_memo_that_overflows(monkeypatch):
-    """32768 pieces (long words, whitespace runs) and a memo of 64 words that is forgotten often."""
+    """32768 pieces (long words, whitespace runs) and a memo of 64 words that is forgotten often; the
+    tokenizer learns them from the corpora and Python's own documentation and source (~5 MB)."""
     from transformers import AutoTokenizer
 
     from doge.data.tokenizer import train_tokenizer
 
     path = scratch() / "tokenizer-32k"
     if not path.exists():
-        train_tokenizer([str(PRETRAIN)], path, vocab_size=32768)
-    docs = corpus_documents() + EDGE_TEXTS
+        train_tokenizer([str(PRETRAIN), *map(str, python_text())], path, vocab_size=32768)
+    docs = corpus_documents() + [d for p in python_text() for d in reference_documents(p)] + EDGE_TEXTS
     expected = AutoTokenizer.from_pretrained(str(path))(docs)["input_ids"]
     encoder = make_encoder(trained_backend(path))
     assert isinstance(encoder, MemoEncoder) and ids_of(encoder, docs) == expected

@@ -6,13 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_data import PRETRAIN, needs_corpora, prepare_config, read_manifest, shard_rows, tokenizer_dir
+from conftest_data import PRETRAIN, prepare_config, read_manifest, shard_rows, tokenizer_dir
 
 from doge.data import DataError, open_pretrain_data, tokenizer_fingerprint
 from doge.data.chunk_plan import ReadOptions
 from doge.data.prepare import prepare
-
-pytestmark = needs_corpora
 
 
 def assert_nothing_left(out: Path):
@@ -40,14 +38,14 @@ def test_missing_text_field_names_file_line_and_flag(tmp_path):
 
 
 def test_missing_field_deep_in_a_file_fails_in_the_worker_and_cleans_up(tmp_path):
-    lines = code_lines(400)
-    record = json.loads(lines[299])
-    lines[299] = json.dumps({"body": record["text"]})
+    lines = code_lines(60)
+    record = json.loads(lines[49])
+    lines[49] = json.dumps({"body": record["text"]})
     src = tmp_path / "code.jsonl"
     src.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    with pytest.raises(DataError, match=r"code\.jsonl: line 300: no field 'text' \(fields: body\)"):
-        run([src], out, chunk_bytes=50_000, workers=2)
+    with pytest.raises(DataError, match=r"code\.jsonl: line 50: no field 'text' \(fields: body\)"):
+        run([src], out, chunk_bytes=10_000, workers=2)
     assert_nothing_left(out)
 
 
@@ -107,7 +105,7 @@ def test_unsupported_or_missing_inputs(tmp_path):
 @pytest.fixture()
 def small(tmp_path) -> Path:
     src = tmp_path / "stories.txt"
-    src.write_bytes((PRETRAIN / "tinystories_val.txt").read_bytes()[:80_000])
+    src.write_bytes((PRETRAIN / "hh_helpful_dialogues.txt").read_bytes()[:80_000])
     return run([src], tmp_path / "small", val_fraction="0.05", shard_rows=20, chunk_bytes=20_000)
 
 
@@ -147,7 +145,7 @@ def test_truncated_damaged_and_missing_shards(small):
 
 def test_no_validation_rows_gives_an_empty_val_split_and_a_hint(tmp_path, caplog):
     src = tmp_path / "stories.txt"
-    src.write_bytes((PRETRAIN / "tinystories_val.txt").read_bytes()[:30_000])
+    src.write_bytes((PRETRAIN / "hh_helpful_dialogues.txt").read_bytes()[:30_000])
     out = run([src], tmp_path / "noval", val_fraction="0")
     with caplog.at_level(logging.WARNING, logger="doge.data.loader"):
         assert len(open_pretrain_data(out, split="val")) == 0
@@ -163,10 +161,9 @@ def test_tokenizer_mismatch_between_data_and_run(small, tmp_path):
         open_pretrain_data(small, tokenizer_fingerprint="0123456789abcdef")
     from doge.data.tokenizer import train_tokenizer
 
-    other_tok = train_tokenizer([str(PRETRAIN / "tinystories_val.txt")], tmp_path / "other-tok", vocab_size=600,
-                                threads=1)
-    other = prepare(prepare_config([PRETRAIN / "tinystories_val.txt"], tmp_path / "other", tokenizer=str(other_tok)),
-                    progress_bar=False)
+    dialogues = PRETRAIN / "hh_helpful_dialogues.txt"
+    other_tok = train_tokenizer([str(dialogues)], tmp_path / "other-tok", vocab_size=600, threads=1)
+    other = prepare(prepare_config([dialogues], tmp_path / "other", tokenizer=str(other_tok)), progress_bar=False)
     mix = tmp_path / "mix.yaml"
     mix.write_text(f"sources:\n  - {{path: {small}, weight: 1}}\n  - {{path: {other}, weight: 1}}\n")
     with pytest.raises(DataError, match=r"other/manifest\.json: tokenizer .* differs from .*small/manifest\.json"):
@@ -175,7 +172,7 @@ def test_tokenizer_mismatch_between_data_and_run(small, tmp_path):
 
 def test_unfinished_or_changed_prepare(tmp_path):
     src = tmp_path / "stories.txt"
-    src.write_bytes((PRETRAIN / "tinystories_val.txt").read_bytes()[:30_000])
+    src.write_bytes((PRETRAIN / "hh_helpful_dialogues.txt").read_bytes()[:30_000])
     out = tmp_path / "out"
     partial = out.with_name("out.partial")
     partial.mkdir()

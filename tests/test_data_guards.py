@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest_data import PREPARE_OPTIONS, PRETRAIN, SEQ_LEN, cli, needs_corpora, read_manifest, tokenizer_dir
+from conftest_data import PREPARE_OPTIONS, PRETRAIN, SEQ_LEN, cli, python_text, read_manifest, tokenizer_dir
 
-pytestmark = needs_corpora
 REPO = Path(__file__).resolve().parents[1]
-STORIES = (PRETRAIN / "tinystories_val.txt").read_bytes()[:40_000] if PRETRAIN.is_dir() else b""
+STORIES = (PRETRAIN / "hh_helpful_dialogues.txt").read_bytes()[:40_000]
 
 
 def prepare_args(inputs, out, *extra) -> list:
@@ -135,16 +134,16 @@ def test_read_only_output_location(capsys):
 
 
 def test_a_second_prepare_on_the_same_output_stops_at_once(tmp_path, capsys):
-    out = tmp_path / "all"
+    out, inputs = tmp_path / "all", [PRETRAIN, *python_text()]  # ~5 MB: the first is still at work
     first = subprocess.Popen([sys.executable, str(REPO / "data_tools" / "prepare.py"),
-                              *prepare_args([PRETRAIN], out, "--workers", "1")], stderr=subprocess.PIPE)
+                              *prepare_args(inputs, out, "--workers", "1")], stderr=subprocess.PIPE)
     progress = tmp_path / "all.partial" / "progress.json"
     deadline = time.time() + 120
     while not progress.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert first.poll() is None, first.stderr.read().decode()[-2000:]
     start = time.perf_counter()
-    fails_cleanly(capsys, "prepare", prepare_args([PRETRAIN], out, "--workers", "1"),
+    fails_cleanly(capsys, "prepare", prepare_args(inputs, out, "--workers", "1"),
                   r"all\.partial: another prepare\.py is writing this output now; wait for it to finish")
     assert time.perf_counter() - start < 10
     assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]

@@ -6,20 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_data import PRETRAIN, VOCAB, needs_corpora, prepare_config, prepared_all, read_manifest
+from conftest_data import PRETRAIN, VOCAB, prepare_config, prepared_all, read_manifest
 
 from doge.data import DataError, open_pretrain_data
 from doge.data.prepare import prepare
 from doge.data.tokenizer import train_tokenizer
-
-pytestmark = needs_corpora
 
 
 @pytest.fixture()
 def small(tmp_path) -> Path:
     """A DATADIR of several train and val shards."""
     src = tmp_path / "stories.txt"
-    src.write_bytes((PRETRAIN / "tinystories_val.txt").read_bytes()[:80_000])
+    src.write_bytes((PRETRAIN / "hh_helpful_dialogues.txt").read_bytes()[:80_000])
     return prepare(prepare_config([src], tmp_path / "small", val_fraction="0.05", shard_rows=20, chunk_bytes=20_000),
                    progress_bar=False)
 

@@ -6,7 +6,6 @@ from conftest_data import (
     CODE_CORPUS,
     SEQ_LEN,
     TEXT_CORPORA,
-    needs_corpora,
     prepared_all,
     prepared_each,
     read_manifest,
@@ -16,7 +15,6 @@ from conftest_data import (
 from doge.data import DataError, open_pretrain_data
 from doge.data.mixture import integer_weights, max_window_error
 
-pytestmark = needs_corpora
 GLOBAL_BATCH, STEPS = 12, 6
 
 
@@ -61,7 +59,7 @@ def test_order_is_a_function_of_data_weights_and_seed():
 
 
 def test_samples_are_rows_of_the_train_shards_and_epochs_reshuffle():
-    path = prepared_each()["tinystories_val.txt"]
+    path = prepared_each()["hh_helpful_dialogues.txt"]
     data = open_pretrain_data(path, seed=0)
     n = data.sources[0].samples
     train = shard_rows(path, "train")

@@ -9,14 +9,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from conftest import ASSETS
 from conftest_data import (
     CODE_CORPUS,
     PRETRAIN,
     SEQ_LEN,
     TEXT_CORPORA,
-    needs_corpora,
     prepare_config,
     prepared_all,
+    python_text,
     read_manifest,
     reference_documents,
     reference_tokens,
@@ -29,7 +30,6 @@ from doge.data import shards
 from doge.data.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = needs_corpora
 
 
 def shard_bytes(datadir: Path) -> dict:
@@ -66,7 +66,7 @@ def test_shards_open_with_datasets_and_manifest_counts_match():
     assert source["tokens"] == total_tokens
     rows = manifest["splits"]["train"]["rows"] + manifest["splits"]["val"]["rows"]
     assert rows * SEQ_LEN - manifest["pad_tokens"] == total_tokens
-    assert source["crlf_normalized"] > 0  # wikitext2 has CRLF line ends
+    assert source["crlf_normalized"] > 0  # python_doc_topics.txt has CRLF line ends
     assert (datadir / "tokenizer" / "tokenizer.json").is_file()
 
 
@@ -91,10 +91,13 @@ def test_same_bytes_with_one_and_two_workers():
 
 
 def test_kill_9_mid_run_then_rerun_gives_identical_bytes_without_redoing_shards():
+    """On the corpora and Python's own text (~5 MB): enough work left after two shards to be killed."""
+    inputs, options = [PRETRAIN, *python_text()], dict(shard_rows=400, chunk_bytes=200_000)
     out = scratch() / "killed"
-    cmd = [sys.executable, str(REPO / "data_tools" / "prepare.py"), "--input", str(PRETRAIN), "--tokenizer",
+    cmd = [sys.executable, str(REPO / "data_tools" / "prepare.py"), "--input", *map(str, inputs), "--tokenizer",
            str(tokenizer_dir()), "--output", str(out), "--seq-len", str(SEQ_LEN), "--val-fraction", "0.01",
-           "--shard-rows", "400", "--chunk-mb", str(200_000 / 2**20), "--workers", "2", "--quiet"]
+           "--shard-rows", str(options["shard_rows"]), "--chunk-mb", str(options["chunk_bytes"] / 2**20),
+           "--workers", "2", "--quiet"]
     proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE)
     partial = out.with_name(out.name + ".partial")
     deadline = time.time() + 240
@@ -114,8 +117,9 @@ def test_kill_9_mid_run_then_rerun_gives_identical_bytes_without_redoing_shards(
         assert datasets.Dataset.from_file(str(shard)).num_rows > 0
     inodes = {e["file"]: os.stat(partial / e["file"]).st_ino for e in committed}
     mtimes = {e["file"]: os.stat(partial / e["file"]).st_mtime_ns for e in committed}
-    prepare(prepare_config([PRETRAIN], out, workers=1), progress_bar=False)
-    assert shard_bytes(out) == shard_bytes(prepared_all())
+    prepare(prepare_config(inputs, out, workers=1, **options), progress_bar=False)
+    uninterrupted = prepare(prepare_config(inputs, scratch() / "not-killed", workers=2, **options), progress_bar=False)
+    assert shard_bytes(out) == shard_bytes(uninterrupted)
     assert {f: os.stat(out / f).st_ino for f in inodes} == inodes
     assert {f: os.stat(out / f).st_mtime_ns for f in mtimes} == mtimes  # finished shards were not rewritten
     assert not partial.exists()
@@ -125,21 +129,21 @@ def test_parquet_and_jsonl_inputs_give_the_same_shards(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    records = [json.loads(line) for line in (PRETRAIN / CODE_CORPUS).read_text().splitlines()[:300]]
+    records = [json.loads(line) for line in (PRETRAIN / CODE_CORPUS).read_text().splitlines()[:60]]
     jsonl = tmp_path / "code.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     pq.write_table(pa.table({"text": [r["text"] for r in records], "path": [r["path"] for r in records]}),
-                   tmp_path / "code.parquet", row_group_size=50)
-    a = prepare(prepare_config([jsonl], tmp_path / "a", chunk_bytes=100_000), progress_bar=False)
+                   tmp_path / "code.parquet", row_group_size=10)
+    a = prepare(prepare_config([jsonl], tmp_path / "a", chunk_bytes=10_000), progress_bar=False)
     b = prepare(prepare_config([tmp_path / "code.parquet"], tmp_path / "b"), progress_bar=False)
     assert shard_bytes(a) == shard_bytes(b)
-    assert read_manifest(b)["sources"][0]["documents"] == 300
+    assert read_manifest(b)["sources"][0]["documents"] == 60
 
 
 def test_chat_fields_render_the_tokenizers_chat_template(tmp_path):
     from transformers import AutoTokenizer
 
-    qa = [json.loads(line) for line in (PRETRAIN.parent / "sft" / "gsm8k_test.jsonl").read_text().splitlines()[:50]]
+    qa = [json.loads(line) for line in (ASSETS / "sft" / "gsm8k_train.jsonl").read_text().splitlines()[:50]]
     src = tmp_path / "qa.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in qa))
     from doge.data.chunk_plan import ReadOptions

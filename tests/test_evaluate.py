@@ -19,16 +19,13 @@ import sys
 import pytest
 import torch
 import train_harness as h
+from conftest import ASSETS
 
 from doge.evaluate import COLUMNS, LOCAL_TASKS, markdown, table_row
 
-EVAL = h.REPO.parent / "shared" / "data" / "eval"
+EVAL = ASSETS / "eval"  # the local tasks' files: 25 items per JSONL task, 57 MMLU subjects
 LIMIT = 20
-
-
-def require_eval_data() -> None:
-    if not EVAL.is_dir():
-        pytest.skip(f"{EVAL} is absent: the evaluation tests need the shared evaluation files")
+MMLU_ITEMS = 3  # test rows per MMLU subject in EVAL (its dev/ holds each subject's 5 shots)
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,11 +125,9 @@ def reference_scores(export) -> dict[str, dict[str, float]]:
 @pytest.mark.slow
 def test_local_tasks_equal_log_likelihood_scoring_by_hand():
     """The default task set as `doge.evaluate` runs it, MMLU as lm-eval reports it: the `mmlu_local`
-    group over every subject of the local files, 20 items each (--limit counts per subject), its
-    size-weighted acc and the table's MMLU cell, plus each subject's own acc. Measured here (2-core
-    CPU shared with other jobs): about 60 s of CPU, 1.5 to 2 min wall, for all 57 subjects, so the
-    test covers every subject rather than the aggregate of a sample."""
-    require_eval_data()
+    group over every subject of the local files, 20 items each (--limit counts per subject; EVAL holds
+    3 per MMLU subject, all scored), its size-weighted acc and the table's MMLU cell, plus each
+    subject's own acc. The test covers every subject rather than the aggregate of a sample."""
     export, out = tiny_export(), h.BASE / "eval-tiny-results"
     h.run([sys.executable, "-m", "doge.evaluate", "--model", str(export), "--num-fewshot", "0", "--limit", str(LIMIT),
            "--batch-size", "32", "--output", str(out), "--data", str(EVAL)])
@@ -140,7 +135,8 @@ def test_local_tasks_equal_log_likelihood_scoring_by_hand():
     got, expected = record["results"], reference_scores(export)
     assert {t for t in got if t.startswith("mmlu_local_")} == {t for t in expected if t.startswith("mmlu_local_")}
     assert len(expected) == len(LOCAL_TASKS) - 1 + len(mmlu_subjects()) and len(mmlu_subjects()) == 57
-    assert all(scores["items"] == LIMIT for scores in expected.values())
+    assert all(scores["items"] == (MMLU_ITEMS if task.startswith("mmlu_local_") else LIMIT)
+               for task, scores in expected.items())
     for task, scores in expected.items():
         for metric in ("acc", "acc_norm") if task.split("_local")[0] in ("arc_easy", "arc_challenge", "piqa",
                                                                           "openbookqa") else ("acc",):
@@ -173,10 +169,9 @@ def checked_table(out: h.Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_one_command_evaluates_a_trained_export():
     """The table of a trainer-made export (the harness's 24-step 2-rank run), five-shot as the cards."""
-    require_eval_data()
     out = h.BASE / "eval-reference"
     done = h.run([sys.executable, "-m", "doge.evaluate", "--model", str(h.reference_run() / "final"), "--limit", "4",
-                  "--output", str(out)])
+                  "--output", str(out), "--data", str(EVAL)])
     assert (out / "results.md").read_text() in done.stdout
     checked_table(out)
     assert json.loads((out / "results.json").read_text())["num_fewshot"] == 5

@@ -1,4 +1,4 @@
-"""Post-training: chat data (loss mask), the SFT and DPO objectives, and 2-rank runs on the shared data.
+"""Post-training: chat data (loss mask), the SFT and DPO objectives, and 2-rank runs on real chat data.
 
 SFT starts from the pre-training reference run's export (the harness's tiny model and its 1024-token
 ChatML tokenizer); DPO starts from the SFT run's export. Everything runs through the real CLIs.
@@ -6,7 +6,6 @@ ChatML tokenizer); DPO starts from the SFT run's export. Everything runs through
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import sys
 from collections import defaultdict
@@ -16,21 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import train_harness as h
+from conftest import ASSETS
 
-SHARED = h.REPO.parent / "shared" / "data"
-OASST, GSM8K = SHARED / "sft" / "oasst_en_100_messages.jsonl", SHARED / "sft" / "gsm8k_train.jsonl"
-HH = SHARED / "dpo" / "hh_helpful_base_test.jsonl.gz"
+OASST, GSM8K = ASSETS / "sft" / "oasst_en_messages.jsonl", ASSETS / "sft" / "gsm8k_train.jsonl"
+HH = ASSETS / "dpo" / "hh_helpful_base_test.jsonl.gz"
 CHAT_LEN = 256
 # 16 steps of 8 conversations (4 per rank, micro batch 2), checkpoints every 8.
 SFT_RUN = ["--deepspeed", "ds_configs/zero2.json", "--seq-len", str(CHAT_LEN), "--micro-batch-size", "2",
            "--global-batch-tokens", str(8 * CHAT_LEN), "--max-steps", "16", "--warmup-steps", "2", "--decay-steps",
            "4", "--lr", "2e-3", "--log-interval", "1", "--eval-interval", "0", "--save-interval", "8",
            "--precision", "fp32", "--wandb", "off", "--keep-last", "0"]
-
-
-def require_chat_data() -> None:
-    if not (OASST.is_file() and HH.is_file()):
-        pytest.skip(f"{SHARED}/sft and /dpo are absent: the post-training tests need the shared chat data")
 
 
 def prepare_chat(name: str, kind: str, *inputs, extra=()) -> h.Path:
@@ -43,24 +37,17 @@ def prepare_chat(name: str, kind: str, *inputs, extra=()) -> h.Path:
 
 @functools.lru_cache(maxsize=None)
 def sft_data() -> h.Path:
-    """OpenAssistant conversations plus the first 300 GSM8K problems (question/answer fields)."""
-    require_chat_data()
+    """30 OpenAssistant conversations plus 60 GSM8K problems (question/answer fields)."""
     h._make_base()
-    subset = h.BASE / "gsm8k_300.jsonl"
-    subset.write_text("".join(GSM8K.read_text().splitlines(keepends=True)[:300]))
-    return prepare_chat("sft", "sft", OASST, subset, extra=("--fields", "question,answer"))
+    return prepare_chat("sft", "sft", OASST, GSM8K, extra=("--fields", "question,answer"))
 
 
 @functools.lru_cache(maxsize=None)
 def dpo_data() -> h.Path:
-    """The first 40 HH-RLHF helpful pairs (those that fit 256 tokens): few enough that 4 epochs show
-    the training pairs' margin rising."""
-    require_chat_data()
+    """40 HH-RLHF helpful pairs (those that fit 256 tokens): few enough that 4 epochs show the training
+    pairs' margin rising."""
     h._make_base()
-    subset = h.BASE / "hh_32.jsonl"
-    with gzip.open(HH, "rt", encoding="utf-8") as fh:
-        subset.write_text("".join(line for _, line in zip(range(40), fh)))
-    return prepare_chat("dpo", "dpo", subset, extra=("--val-fraction", "0"))
+    return prepare_chat("dpo", "dpo", HH, extra=("--val-fraction", "0"))
 
 
 def sft_cmd(rundir, model) -> list[str]:
@@ -95,7 +82,7 @@ def test_sft_mask_covers_exactly_the_assistant_turns_and_their_end_token():
 
     data, tok = open_chat_data(sft_data(), "sft"), load_tokenizer(str(h.tokenizer()))
     manifest = json.loads((sft_data() / "manifest.json").read_text())
-    assert [s["kept"] for s in manifest["sources"]] == [97, 300]
+    assert [s["kept"] for s in manifest["sources"]] == [30, 60]
     conversations = [json.loads(line)["messages"] for line in OASST.read_text().splitlines()]
     checked = 0
     for i in range(len(data)):
@@ -115,7 +102,7 @@ def test_sft_batch_loss_equals_the_per_conversation_losses():
     from doge.training.posttrain import SFTObjective, trim
 
     data, model = open_chat_data(sft_data(), "sft"), tiny_model()
-    ids, mask = (torch.from_numpy(a) for a in data.rows([0, 5, 120, 200]))
+    ids, mask = (torch.from_numpy(a) for a in data.rows([0, 5, 40, 80]))
     batch = trim(ids, mask)
     assert batch["input_ids"].shape[1] < CHAT_LEN or mask[:, -1].any()
     with torch.no_grad():

@@ -1,10 +1,11 @@
 """The slurm/ job scripts on a real SLURM cluster (one controller, two emulated nodes on this host,
 see slurm_cluster.py), with the tiny preset on CPU: multi-node training, time-limit and external
 requeues that resume bit-identically, errors that never requeue, the restart cap, continuing a run,
-and the refusal of rank-less multi-task launches. Needs root (the daemons) and the shared corpus."""
+and the refusal of rank-less multi-task launches. Needs root (the daemons)."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +26,6 @@ TINY_RECIPE = "recipes/doge-tiny.yaml"
 def cluster():
     if os.geteuid() != 0:
         pytest.skip("the SLURM test cluster runs its daemons as root")
-    h.require_shared_data()
     h.prepared()  # before any job: data and tokenizer exist once
     h._make_base()
     cluster = slurm_cluster.Cluster(h.BASE / "slurm")
@@ -154,7 +154,7 @@ def test_continue_from_a_stable_checkpoint_leaves_the_source_unchanged(cluster, 
     source = source_run / "checkpoints" / "step-00000016"  # decay starts after step 16: stable phase
     before = h.tree_digest(source_run)
     name = "slurm-continued"
-    job = submit(cluster, "slurm/continue.sh", name, DATA=str(h.prepared("tinystories_val.txt")),
+    job = submit(cluster, "slurm/continue.sh", name, DATA=str(h.prepared("hh_helpful_dialogues.txt")),
                  INIT_FROM=str(source),
                  EXTRA=EXTRA + " --max-steps 8 --warmup-steps 2 --decay-steps 4 --eval-interval 0")
     info = cluster.wait_done(job, 600)
@@ -190,10 +190,17 @@ def test_job_scripts_are_valid_bash():
 
 
 def test_prepare_array_gives_the_same_samples_for_1_and_3_tasks_and_a_killed_task_reruns_alone(cluster):
+    from conftest_data import python_text
+
     from doge.data.loader import open_pretrain_data
 
-    inputs = " ".join(str(h.SHARED_PRETRAIN / f) for f in ("tinyshakespeare.txt", "tinystories_val.txt",
-                                                          "wikitext2_test.raw"))
+    corpus = h.BASE / "prep-corpus"  # three files, one unit each, in this order
+    corpus.mkdir(exist_ok=True)
+    for name, source in (("0-tinyshakespeare.txt", h.PRETRAIN / "tinyshakespeare.txt"),
+                         ("1-python-stdlib-source.txt", python_text()[1]),  # ~5 MB: seconds of work
+                         ("2-hh-helpful-dialogues.txt", h.PRETRAIN / "hh_helpful_dialogues.txt")):
+        shutil.copyfile(source, corpus / name)
+    inputs = " ".join(str(p) for p in sorted(corpus.iterdir()))
     settings = dict(INPUT=inputs, TOKENIZER=str(h.tokenizer()),
                     PREP_FLAGS=f"--seq-len {h.SEQ_LEN} --val-fraction 0.01 --val-rows 64 --workers 1 --quiet")
 
@@ -205,7 +212,7 @@ def test_prepare_array_gives_the_same_samples_for_1_and_3_tasks_and_a_killed_tas
 
     one = prepare("prep-1", "0")
     three = prepare("prep-3", "0-2")
-    # task 1 of 3 owns tinystories_val.txt: kill it while prepare.py works on that part
+    # task 1 of 3 owns Python's stdlib source: kill it while prepare.py works on that part
     h.wait_for(lambda: (h.BASE / "prep-3" / "parts" / "part-00001.partial").exists(), 300, "task 1 working",
                poll=0.1)
     cluster.run(["scancel", f"{three}_1"])

@@ -4,13 +4,20 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest_data import CODE_CORPUS, PRETRAIN, VOCAB, needs_corpora, reference_tokens, tokenizer_dir
+from conftest_data import (
+    CODE_CORPUS,
+    PRETRAIN,
+    VOCAB,
+    python_text,
+    reference_documents,
+    reference_tokens,
+    tokenizer_dir,
+)
 
 from doge.data import tokenizer_fingerprint
 from doge.data.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = needs_corpora
 
 
 def load(path):
@@ -32,8 +39,11 @@ def test_autotokenizer_loads_a_fast_tokenizer_with_special_tokens_and_chat_templ
 
 
 def test_round_trip_on_every_document_of_the_real_corpora():
+    """The four corpora it was trained on, and Python's own documentation topics and stdlib source."""
     tok = load(tokenizer_dir())
     docs, ids = reference_tokens()  # tok(docs) on all four corpora
+    python_docs = [d for path in python_text() for d in reference_documents(path)]
+    docs, ids = docs + python_docs, ids + tok(python_docs)["input_ids"]
     assert tok("a")["input_ids"] == tok("a", add_special_tokens=False)["input_ids"]  # adds no BOS/EOS itself
     keep = [i for i, d in enumerate(docs) if "\u2581" not in d]  # U+2581 is the one character shown as a space
     assert len(keep) > 12000 and len(docs) - len(keep) < 5

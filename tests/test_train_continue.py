@@ -14,7 +14,7 @@ def test_continue_from_stable_checkpoint_on_new_data():
     source = reference / "checkpoints" / "step-00000016"  # decay starts after step 16: stable phase
     before = h.tree_digest(reference)
     rundir = h.BASE / "continued"
-    new_data = h.prepared("tinystories_val.txt")
+    new_data = h.prepared("hh_helpful_dialogues.txt")
     done = h.run(h.train_cmd(2, rundir, new_data, "--init-from", str(source), "--max-steps", "8",
                              "--warmup-steps", "2", "--decay-steps", "4", "--decay-shape", "cosine", "--lr", "1e-3",
                              "--eval-interval", "0"))

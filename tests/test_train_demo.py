@@ -1,6 +1,6 @@
 """The demo command (shortened) runs end to end, prints a sample from the export and, with
---eval-limit, writes the export's evaluation table; without ../shared it still finds a corpus in
-Python's own documentation and source."""
+--eval-limit, writes the export's evaluation table; without a corpus folder beside the checkout it
+still finds a corpus in Python's own documentation and source."""
 import sys
 
 import pytest
@@ -25,15 +25,12 @@ def test_evaluate_without_data_stops_before_training(tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end_shortened():
     """The one command of the README (`python -m doge.demo --evaluate`), shortened: 20 training steps
-    and the first 2 items of each evaluation task."""
-    h.require_shared_data()
-    if not EVAL.is_dir():
-        pytest.skip(f"{EVAL} is absent: the demo's evaluation table needs the shared evaluation files")
+    and the first 2 items of each evaluation task (of tests/assets/eval)."""
     h._make_base()
     work = h.BASE / "demo"
     done = h.run([sys.executable, "-m", "doge.demo", "--workdir", str(work), "--eval-limit", "2", "--max-steps", "20",
                   "--warmup-steps", "2", "--decay-steps", "5", "--save-interval", "10", "--eval-interval", "10"],
-                 timeout=900)
+                 timeout=900, DOGE_EVAL_DATA=str(EVAL))
     assert "=== sample from" in done.stdout and "demo finished" in done.stdout
     sample = done.stdout.split("=== sample from", 1)[1].splitlines()[1]
     assert sample.startswith("The king said")  # decoded by stock transformers from the export (20 steps: gibberish)

@@ -40,9 +40,9 @@ def test_model_vocab_smaller_than_tokenizer(tmp_path):
 def test_init_from_checkpoint_with_data_of_another_tokenizer(tmp_path):
     """Continuing a run on data tokenised differently would train on garbage ids: refused up front."""
     other_tok, other_data = tmp_path / "tok", tmp_path / "data"
-    h.run([sys.executable, "data_tools/train_tokenizer.py", "--input", str(h.SHARED_PRETRAIN / "wikitext2_test.raw"),
+    h.run([sys.executable, "data_tools/train_tokenizer.py", "--input", str(h.PRETRAIN / "python_doc_topics.txt"),
            "--vocab-size", "800", "--output", str(other_tok)])
-    h.run([sys.executable, "data_tools/prepare.py", "--input", str(h.SHARED_PRETRAIN / "wikitext2_test.raw"),
+    h.run([sys.executable, "data_tools/prepare.py", "--input", str(h.PRETRAIN / "python_doc_topics.txt"),
            "--tokenizer", str(other_tok), "--seq-len", str(h.SEQ_LEN), "--output", str(other_data), "--workers", "1"])
     source = h.reference_run() / "checkpoints" / "step-00000016"
     before = h.tree_digest(source)

@@ -21,7 +21,7 @@ ROW = 2 * h.SEQ_LEN
 def prepared_rows_of_128():
     """About 65 rows of 128 tokens: two epochs fit in the 24-step tiny run (16 samples a step)."""
     tokenizer = h.tokenizer()  # also creates the session's scratch folder
-    text = (h.SHARED_PRETRAIN / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000]
+    text = (h.PRETRAIN / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000]
     corpus = h.BASE / "seq-len-corpus.txt"
     corpus.write_text(text, encoding="utf-8")
     out = h.BASE / "data-rows-128"

@@ -1,4 +1,4 @@
-"""Shared plumbing for the trainer tests: real data prepared once per session, real launchers.
+"""Shared plumbing for the trainer tests: real data (tests/assets) prepared once per session, real launchers.
 
 Everything here starts real processes (data_tools CLIs, `deepspeed`/`torchrun`/`python` on
 doge/train.py with 2 gloo ranks on CPU); nothing is mocked. Expensive results (prepared data,
@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+from conftest import ASSETS
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_PRETRAIN = REPO.parent / "shared" / "data" / "pretrain"
+PRETRAIN = ASSETS / "pretrain"
 BASE = Path(os.environ.get("DOGE_TEST_TMP", "/tmp")) / f"doge-train-tests-{os.getpid()}"
 
 SEQ_LEN, GLOBAL_SAMPLES = 64, 16
@@ -30,11 +30,6 @@ TINY = ["--recipe", "recipes/doge-tiny.yaml", "--seq-len", str(SEQ_LEN), "--micr
         "--global-batch-tokens", str(SEQ_LEN * GLOBAL_SAMPLES), "--max-steps", "24", "--warmup-steps", "4",
         "--decay-steps", "8", "--lr", "3e-3", "--save-interval", "8", "--log-interval", "1",
         "--eval-interval", "12", "--eval-samples", "16", "--precision", "fp32", "--wandb", "off", "--keep-last", "0"]
-
-
-def require_shared_data() -> None:
-    if not SHARED_PRETRAIN.is_dir():
-        pytest.skip(f"{SHARED_PRETRAIN} is absent: the trainer tests need the shared real corpus")
 
 
 def free_port() -> int:
@@ -153,20 +148,20 @@ def _make_base() -> None:
 
 @functools.lru_cache(maxsize=None)
 def tokenizer() -> Path:
-    require_shared_data()
     _make_base()
     out = BASE / "tokenizer"
-    run([sys.executable, "data_tools/train_tokenizer.py", "--input", str(SHARED_PRETRAIN / "tinyshakespeare.txt"),
-         str(SHARED_PRETRAIN / "tinystories_val.txt"), "--vocab-size", "1024", "--output", str(out)])
+    run([sys.executable, "data_tools/train_tokenizer.py", "--input", str(PRETRAIN / "tinyshakespeare.txt"),
+         str(PRETRAIN / "hh_helpful_dialogues.txt"), "--vocab-size", "1024", "--output", str(out)])
     return out
 
 
 @functools.lru_cache(maxsize=None)
 def prepared(corpus: str = "tinyshakespeare.txt") -> Path:
-    """A DATADIR of 64-token rows over one shared corpus, tokenised with the session's tokenizer."""
+    """A DATADIR of 64-token rows over one corpus of tests/assets/pretrain, tokenised with the session's
+    tokenizer; 1 row in 20 held out (tinyshakespeare.txt: ~890 rows, ~45 held out, more than --eval-samples)."""
     out = BASE / f"data-{corpus}"
-    run([sys.executable, "data_tools/prepare.py", "--input", str(SHARED_PRETRAIN / corpus), "--tokenizer",
-         str(tokenizer()), "--seq-len", str(SEQ_LEN), "--output", str(out), "--val-fraction", "0.01",
+    run([sys.executable, "data_tools/prepare.py", "--input", str(PRETRAIN / corpus), "--tokenizer",
+         str(tokenizer()), "--seq-len", str(SEQ_LEN), "--output", str(out), "--val-fraction", "0.05",
          "--val-rows", "64", "--workers", "1"])
     return out
 
