@@ -1,6 +1,9 @@
 """Ours vs stock `transformers.DogeForCausalLM`: same config (doge-20m), same weights, one run.
 
-Measures training tokens/s at seq 2048 (forward + backward + AdamW; float32 and bf16 autocast),
+Measures training tokens/s at seq 2048 (forward + backward + AdamW; float32 and bf16 autocast;
+with `--compile` also ours with its decoder layers and fused LM-head loss through torch.compile,
+as the trainer's `--compile on` builds them, against ours eager in the same run, the cold compile
+time, and with `--profile` the top operators of one eager and one compiled step),
 greedy generation tokens/s (prompt 32, 128 new tokens, batch 1) and the peak memory of one
 forward at 8192 tokens with keep_window_size 2048 (each in a fresh subprocess, peak RSS above the
 loaded model). Prints a table with ratios ours/stock.
@@ -11,6 +14,7 @@ emulated (AVX2-only CPUs: 10-20x slower than fp32), one stock bf16 step at seq 2
 `--bf16 on` measures them anyway.
 
     python benchmarks/model_speed.py [--steps 3] [--preset doge-20m] [--bf16 auto|on|off] [--json OUT]
+    python benchmarks/model_speed.py --compile --profile --train-only --bf16 off   # compiled vs eager
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import transformers
 
 from doge import DogeConfig, DogeForCausalLM
 from doge.model.generation import Decoder
+from doge.training.compile import compile_model
 
 
 def build_pair(preset: str, seed: int = 0, **overrides):
@@ -36,12 +41,12 @@ def build_pair(preset: str, seed: int = 0, **overrides):
     return ours, stock
 
 
-def train_tokens_per_s(model, seq_len: int, steps: int, bf16: bool, fused: bool) -> float:
-    """Tokens/s of full optimizer steps on one row of seq_len tokens (one warm-up step)."""
+def train_step_fn(model, seq_len: int, bf16: bool, fused: bool):
+    """One full optimizer step on one row of seq_len tokens, as a function."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
     x = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(1))
-    extra = {"skip_logits": True} if fused else {}
+    extra = {"skip_logits": True, "use_cache": False} if fused else {}
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -49,12 +54,32 @@ def train_tokens_per_s(model, seq_len: int, steps: int, bf16: bool, fused: bool)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return step
 
+
+def train_tokens_per_s(model, seq_len: int, steps: int, bf16: bool, fused: bool, warmup: dict | None = None) -> float:
+    """Tokens/s of full optimizer steps on one row of seq_len tokens (one warm-up step, whose
+    seconds go to `warmup["seconds"]` when given: a compiled model's cold compile)."""
+    step = train_step_fn(model, seq_len, bf16, fused)
+    start = time.perf_counter()
     step()
+    if warmup is not None:
+        warmup["seconds"] = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         step()
     return steps * seq_len / (time.perf_counter() - start)
+
+
+def top_operators(model, seq_len: int, count: int = 8) -> str:
+    """The operators that take the time of one (warm) training step, by self CPU time."""
+    from torch.profiler import profile
+
+    step = train_step_fn(model, seq_len, False, True)
+    step()
+    with profile() as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=count)
 
 
 BF16_EMULATED = 3.0  # native bf16 GEMMs run at least as fast as fp32; emulated ones 10-20x slower
@@ -139,6 +164,10 @@ def main(argv=None) -> None:
                         help="bf16 autocast training rows: auto = only where bf16 GEMMs are native (see above)")
     parser.add_argument("--all-logits", action="store_true",
                         help="also probe the 8k forward returning every position's logits (+1 GiB for both)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also train ours compiled (decoder layers + LM-head loss, fp32) against ours eager")
+    parser.add_argument("--profile", action="store_true", help="with --compile: top operators of each step")
+    parser.add_argument("--train-only", action="store_true", help="skip the decode and memory rows")
     parser.add_argument("--json", help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
 
@@ -161,6 +190,30 @@ def main(argv=None) -> None:
         s = train_tokens_per_s(stock, args.seq_len, args.steps, bf16, fused=False)
         o = train_tokens_per_s(ours, args.seq_len, args.steps, bf16, fused=True)
         report((name, o, s, o / s))
+        if args.compile and not bf16:
+            compiled_row(args, s, report)
+    if not args.train_only:
+        decode_and_memory_rows(args, report)
+    print_table(args, rows)
+
+
+def compiled_row(args, stock_tok_s: float, report) -> None:
+    """Ours compiled against ours eager (a fresh pair of models, same weights), same run."""
+    eager, _ = build_pair(args.preset)
+    compiled, _ = build_pair(args.preset)
+    compile_model(compiled)
+    warm = {}
+    c = train_tokens_per_s(compiled, args.seq_len, args.steps, False, fused=True, warmup=warm)
+    e = train_tokens_per_s(eager, args.seq_len, args.steps, False, fused=True)
+    report((f"train tok/s seq {args.seq_len} fp32 compiled", c, stock_tok_s, c / stock_tok_s))
+    print(f"compiled / eager (ours, fp32): {c:.1f} / {e:.1f} tok/s = {c / e:.2f}x; first compiled step "
+          f"(cold compile) {warm['seconds']:.1f} s", flush=True)
+    if args.profile:
+        print(f"one eager step:\n{top_operators(eager, args.seq_len)}\none compiled step:\n"
+              f"{top_operators(compiled, args.seq_len)}", flush=True)
+
+
+def decode_and_memory_rows(args, report) -> None:
     ours, stock = build_pair(args.preset)
     prompt = torch.randint(0, ours.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(2))
     hf = dict(do_sample=False, pad_token_id=0)
@@ -179,6 +232,8 @@ def main(argv=None) -> None:
         report((f"{label} s", mem["ours"]["seconds"], mem["stock"]["seconds"],
                 mem["ours"]["seconds"] / mem["stock"]["seconds"]))
 
+
+def print_table(args, rows) -> None:
     print(f"\n{args.preset}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"| {'measure':<46} | {'ours':>10} | {'stock':>10} | {'ours/stock':>10} |")
     print(f"|{'-' * 48}|{'-' * 12}|{'-' * 12}|{'-' * 12}|")

@@ -39,10 +39,17 @@ QUERY_CHUNK = 512
 
 
 def dynamic_bias(value_states: torch.Tensor, dt_proj: nn.Linear, A: torch.Tensor) -> torch.Tensor:
-    """(B, Hkv, Lk, D) value states -> (B, Hkv, Lk) additive per-key bias."""
+    """(B, Hkv, Lk, D) value states -> (B, Hkv, Lk) additive per-key bias.
+
+    exp(A * softplus(dt)) is evaluated in float64 and rounded once (B x Hkv x L numbers, a
+    negligible cost): eager and compiled kernels, whose float32 exp and softplus differ in the last
+    bit, then give the same bias, and the sparse path, which keeps or drops keys by comparing
+    biases, keeps the same keys in both (MPS has no float64 and keeps float32)."""
     batch, kv_heads, length, dim = value_states.shape
     dt = dt_proj(value_states.transpose(1, 2).reshape(batch, length, kv_heads * dim))
-    return torch.exp(A * F.softplus(dt)).transpose(1, 2)
+    exact = torch.float64 if dt.device.type != "mps" else torch.float32
+    bias = torch.exp(A.to(exact) * F.softplus(dt.to(exact)))
+    return bias.to(torch.promote_types(A.dtype, dt.dtype)).transpose(1, 2)
 
 
 def fold_bias(q, k, v, bias, scaling: float):

@@ -12,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from doge import atomic
@@ -39,12 +40,15 @@ class Throughput:
         tok_s = self.tokens / max(now - then, 1e-9)
         self._last, self.tokens = (now, step), 0
         eta = (now - then) / max(step - then_step, 1) * (self.max_steps - step)
-        return {"tokens_per_s": tok_s, "mfu": tok_s * self.flops_per_token / self.peak_flops, "eta_s": eta}
+        out = {"tokens_per_s": tok_s, "mfu": tok_s * self.flops_per_token / self.peak_flops, "eta_s": eta}
+        if torch.cuda.is_available():  # the allocator's own count: no device sync
+            out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        return out
 
 
 # Console formats of the common metrics, in line order; any other metric follows as `name value`.
 CONSOLE = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.3e}", "grad_norm": "gnorm {:.3f}",
-           "tokens_per_s": "{:,.0f} tok/s", "mfu": "MFU {:.2%}", "eta_s": None}
+           "tokens_per_s": "{:,.0f} tok/s", "mfu": "MFU {:.2%}", "peak_memory_gb": "{:.1f} GB", "eta_s": None}
 QUIET = {"tokens_seen", "samples_consumed", "skipped_steps", "time"}  # in metrics.jsonl, not on the console
 
 
