@@ -39,17 +39,39 @@ QUERY_CHUNK = 512
 
 
 def dynamic_bias(value_states: torch.Tensor, dt_proj: nn.Linear, A: torch.Tensor) -> torch.Tensor:
-    """(B, Hkv, Lk, D) value states -> (B, Hkv, Lk) additive per-key bias.
-
-    exp(A * softplus(dt)) is evaluated in float64 and rounded once (B x Hkv x L numbers, a
-    negligible cost): eager and compiled kernels, whose float32 exp and softplus differ in the last
-    bit, then give the same bias, and the sparse path, which keeps or drops keys by comparing
-    biases, keeps the same keys in both (MPS has no float64 and keeps float32)."""
+    """(B, Hkv, Lk, D) value states -> (B, Hkv, Lk) additive per-key bias."""
     batch, kv_heads, length, dim = value_states.shape
     dt = dt_proj(value_states.transpose(1, 2).reshape(batch, length, kv_heads * dim))
-    exact = torch.float64 if dt.device.type != "mps" else torch.float32
-    bias = torch.exp(A.to(exact) * F.softplus(dt.to(exact)))
-    return bias.to(torch.promote_types(A.dtype, dt.dtype)).transpose(1, 2)
+    return _bias_from_dt(dt, A).transpose(1, 2)
+
+
+@torch.library.custom_op("doge::bias_from_dt", mutates_args=())
+def _bias_from_dt(dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """exp(A * softplus(dt)) as one opaque operator. A compiled graph calls it as it is instead of
+    generating its own exp and softplus, which differ from eager's in the last bit: the sparse path
+    keeps or drops keys by comparing these biases, so eager and compiled keep the same keys."""
+    return torch.exp(A * F.softplus(dt))
+
+
+@_bias_from_dt.register_fake
+def _(dt, A):
+    return torch.empty_like(dt, dtype=torch.promote_types(dt.dtype, A.dtype))
+
+
+def _bias_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output)
+
+
+def _bias_backward(ctx, grad):
+    """Autograd's own chain for exp, mul and softplus, in the same order."""
+    dt, A, bias = ctx.saved_tensors
+    grad_exponent = grad * bias
+    grad_dt = torch.ops.aten.softplus_backward(grad_exponent * A, dt, 1.0, 20.0)
+    grad_A = (grad_exponent * F.softplus(dt)).sum_to_size(A.shape)
+    return grad_dt.to(dt.dtype), grad_A.to(A.dtype)
+
+
+_bias_from_dt.register_autograd(_bias_backward, setup_context=_bias_setup)
 
 
 def fold_bias(q, k, v, bias, scaling: float):
