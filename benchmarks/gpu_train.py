@@ -13,7 +13,9 @@ For each case (doge-20m and doge-160m at seq 2048, doge-160m at 8192 with keep w
   tied head), the whole model compiled: what the hardware gives a plain transformer.
 MFU = tokens/s x FLOPs per token (`doge.training.flops`, the trainer's definition; the GPT's by the
 same rule) / peak, where peak is a bf16 GEMM timed at the start of this run. Then the top
-kernels of one compiled plain-loop step of each case.
+kernels of one compiled plain-loop step of each case, and the LM-head loss (forward + backward
+of a case's micro-batch) as ours (`doge.model.loss`, compiled) against Liger Kernel's fused linear
+cross-entropy where `liger-kernel` is installed.
 
     python benchmarks/gpu_train.py [--cases 20m,160m,160m-8k] [--steps 10] [--json OUT]
     python benchmarks/gpu_train.py --smoke      # the same code on CPU, doge-tiny, well under a minute
@@ -209,6 +211,35 @@ def top_kernels(case: Case, count: int = 8) -> list[tuple[str, float]]:
     return [(e.key[:60], getattr(e, key) / 1e3) for e in rows]
 
 
+def head_loss_ms(case: Case, repeats: int = 5) -> dict:
+    """Milliseconds of the LM-head loss, forward and backward, over one micro-batch of hidden states."""
+    from doge.model.loss import fused_causal_lm_loss
+
+    config = doge_config(case)
+    dev, dtype = device(), torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    hidden = torch.randn(case.micro * case.seq_len, config.hidden_size, device=dev, dtype=dtype, requires_grad=True)
+    weight = torch.randn(config.vocab_size, config.hidden_size, device=dev, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, config.vocab_size, (case.micro * case.seq_len,), device=dev)
+    contenders = {"ours": torch.compile(lambda h, w, y: fused_causal_lm_loss(h, w, y))}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        contenders["liger"] = lambda h, w, y: liger(w, h[:-1], y[1:])  # shifted as ours shifts
+    except ImportError:
+        print("liger-kernel not installed: the LM-head loss is measured for ours only", flush=True)
+    out = {}
+    for name, fn in contenders.items():
+        fn(hidden, weight, labels).backward()
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn(hidden, weight, labels).backward()
+        sync()
+        out[name] = (time.perf_counter() - start) / repeats * 1e3
+    return out
+
+
 def corpus_files(args, work: Path) -> list[str]:
     """--corpus, else the carried or neighbouring pretrain corpora, else Python's documentation."""
     if args.corpus:
@@ -298,20 +329,23 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     peak = gemm_peak(256 if args.smoke else 8192)
     data = prepare_data(args, work, 1024 if args.smoke else 32768, max(c.seq_len for c in cases.values()))
-    results, kernels = {}, {}
+    results, kernels, heads = {}, {}, {}
     for case in cases.values():
         results[case.name] = {"trainer": trainer(case, data, work, steps, peak, args.smoke)}
         for who, loop in (("plain loop", plain_loop), ("stock", stock_loop), ("nanoGPT", gpt_loop)):
             results[case.name][who] = loop(case, steps, peak)
             print(f"{case.name} {who}: {results[case.name][who]['tokens_per_s']:,.0f} tok/s", flush=True)
         kernels[case.name] = top_kernels(case)
+        heads[case.name] = head_loss_ms(case)
     print(table(results, peak))
     for name, rows in kernels.items():
         print(f"\ntop kernels, one compiled plain-loop step, {name}:")
         for kernel, ms in rows:
             print(f"  {ms:8.2f} ms  {kernel}")
+        print("LM-head loss, forward + backward: " + ", ".join(f"{k} {v:.2f} ms" for k, v in heads[name].items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"peak_flops": peak, "results": results, "kernels": kernels}, indent=1))
+        Path(args.json).write_text(json.dumps({"peak_flops": peak, "results": results, "kernels": kernels,
+                                               "head_loss_ms": heads}, indent=1))
 
 
 if __name__ == "__main__":
