@@ -204,14 +204,15 @@ def init_rank(rank: int, world: int, port: int, cuda: bool) -> None:
     deepspeed.init_distributed(dist_backend=BACKENDS["cuda" if cuda else "cpu"])
 
 
-def timed_step(engine, ids: torch.Tensor, measure: bool = False):
-    """One optimizer step; its seconds, and the model-state bytes after the backward if `measure`."""
+def timed_step(engine, model, ids: torch.Tensor, measure: bool = False):
+    """One optimizer step of `engine` (`model`: the objective's view of it); its seconds, and the
+    model-state bytes after the backward if `measure`."""
     from deepspeed.accelerator import get_accelerator
 
     from doge.training.lm_loss import causal_lm_loss
 
     start = time.perf_counter()
-    loss, _ = causal_lm_loss(engine, ids, ids)
+    loss, _ = causal_lm_loss(model, ids, ids)
     engine.backward(loss)
     held = model_state_bytes(engine) if measure else None
     engine.step()
@@ -227,11 +228,14 @@ def run_rank(rank: int, case: dict, settings: dict, port: int, out: str) -> None
     init_rank(rank, settings["world"], port, cuda)
     from doge.model.configuration import DogeConfig
     from doge.training.engine import build_engine
+    from doge.training.expert_parallel import expert_group
+    from doge.training.objective import TrainedModel
 
     base = peak_rss_mb()
     config = DogeConfig.from_preset(settings["preset"], **settings["overrides"])
     engine = build_engine(config, ds_config(case["stage"], settings["micro"], settings["world"]),
                           weight_decay=0.01, seed=0, expert_parallel_size=case["ep"])
+    model = TrainedModel(engine, config, expert_group(case["ep"]))
     build = peak_rss_mb()
     reset_peak_rss()
     if cuda:
@@ -242,9 +246,9 @@ def run_rank(rank: int, case: dict, settings: dict, port: int, out: str) -> None
     times = []
     for step in range(settings["warmup"] + settings["steps"]):
         counter.on = step >= settings["warmup"]
-        times.append(timed_step(engine, batches[step % 3])[0])
+        times.append(timed_step(engine, model, batches[step % 3])[0])
     counter.on = False
-    _, held = timed_step(engine, batches[0], measure=True)
+    _, held = timed_step(engine, model, batches[0], measure=True)
     mine = dict(step_s=statistics.median(times[settings["warmup"]:]), rss_base_mb=base, rss_build_mb=build,
                 rss_train_mb=peak_rss_mb(), held=held,
                 comm={k: v / settings["steps"] for k, v in counter.bytes.items()},

@@ -9,29 +9,10 @@ so an interrupted export never leaves a half-written OUTDIR.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-from doge import DogeConfig, DogeForCausalLM, atomic
-from doge.training.checkpoint import STATE_FILE, TrainerState
-from doge.training.weights import checkpoint_weights, load_checked
-
-
-def export(ckpt: Path, outdir: Path, replace: bool = False) -> Path:
-    ckpt, outdir = Path(ckpt), Path(outdir)
-    if not (ckpt / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {STATE_FILE}); "
-                                "pass a RUNDIR/checkpoints/step-XXXXXXXX folder")
-    if outdir.exists() and any(outdir.iterdir()) and not replace:
-        raise FileExistsError(f"{outdir} exists and is not empty; choose another OUTDIR")
-    model = DogeForCausalLM(DogeConfig(**TrainerState.read(ckpt).model_config))
-    load_checked(model, checkpoint_weights(ckpt), ckpt)
-    tmp = atomic.fresh_staging_dir(outdir)
-    model.save_pretrained(tmp)
-    if (ckpt / "tokenizer").is_dir():
-        shutil.copytree(ckpt / "tokenizer", tmp, dirs_exist_ok=True)
-    return atomic.publish_dir(tmp, outdir, replace=True)
+from doge.training.export import export
 
 
 def main(argv=None) -> int:

@@ -30,15 +30,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
 
-POLL_S = 0.2
+from doge.training.launcher_watch import LAUNCHER_ENV, POLL_S, launcher_id
+
 STOP_WAIT_S = 120  # how long a stopped job's ranks may take to save after the runner is gone
 RANK_PARENT = "deepspeed.launcher.launch"
-LAUNCHER_ENV = "DOGE_LAUNCHER"  # "PID:START_TIME" of this process, inherited by every rank
 
 
 def ranks(runner_pid: int) -> list[psutil.Process]:
@@ -74,44 +73,6 @@ def forward_stop(runner_pid: int, told: set[int]) -> None:
                 pass
 
 
-def _launcher(value: str) -> psutil.Process | None:
-    """The process DOGE_LAUNCHER names, or None if it is gone (its pid reused or free)."""
-    pid, started = value.split(":")
-    try:
-        proc = psutil.Process(int(pid))
-        return proc if abs(proc.create_time() - float(started)) < 1e-3 else None
-    except psutil.NoSuchProcess:
-        return None
-
-
-def _gone(proc: psutil.Process | None) -> bool:
-    try:
-        return proc is None or not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return True
-
-
-def _watch(procs: list[psutil.Process | None]) -> None:
-    while True:
-        for proc in procs:
-            if _gone(proc):
-                print(f"error: the launcher (pid {proc.pid if proc else os.environ[LAUNCHER_ENV]}) is gone: rank "
-                      f"{os.environ.get('RANK', '0')} stops now; resume with the same command", file=sys.stderr,
-                      flush=True)
-                os._exit(1)
-        time.sleep(POLL_S)
-
-
-def watch_launcher() -> None:
-    """In a rank: a thread that ends this process at once when the launcher dies: `doge.launch`
-    (from DOGE_LAUNCHER) or the process that started this rank (deepspeed's launch, torchrun)."""
-    procs = [psutil.Process(os.getppid())] if "LOCAL_RANK" in os.environ else []
-    if os.environ.get(LAUNCHER_ENV):
-        procs.append(_launcher(os.environ[LAUNCHER_ENV]))
-    if procs:
-        threading.Thread(target=_watch, args=(procs,), daemon=True).start()
-
-
 def exit_status(returncode: int) -> int:
     """A child killed by signal N reports -N; shells report that as 128 + N."""
     return returncode if returncode >= 0 else 128 - returncode
@@ -122,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__, flush=True)  # then DeepSpeed's own flags, printed by its runner
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited by the launcher processes
-    me = psutil.Process()
     runner = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", *argv],
-                              env={**os.environ, LAUNCHER_ENV: f"{me.pid}:{me.create_time()}"})
+                              env={**os.environ, LAUNCHER_ENV: launcher_id(psutil.Process())})
     requests: list[int] = []
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: requests.append(signum))

@@ -14,47 +14,15 @@ The trainer does the same in one command (`--upcycle-experts`, `--upcycle-top-k`
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 from pathlib import Path
 
-import torch
-
 from doge import atomic
-from doge.model.configuration import DogeConfig
 from doge.model.modeling import DogeForCausalLM
+from doge.model.upcycle import upcycle, upcycled_config
 
-NEW_PARAMETERS = ("router_gate", "down_embed", "up_embed")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
-
-
-def upcycled_config(dense: DogeConfig, num_experts: int, top_k: int) -> DogeConfig:
-    """`dense`'s config with CDMoE layers of `num_experts` experts, `top_k` per token."""
-    if dense.is_moe:
-        raise ValueError("the checkpoint is already a CDMoE model (config.is_moe is true)")
-    if math.isqrt(num_experts) ** 2 != num_experts:
-        raise ValueError(f"{num_experts} experts: the count must be a perfect square (product keys); "
-                         f"e.g. {math.isqrt(num_experts) ** 2} or {(math.isqrt(num_experts) + 1) ** 2}")
-    if not 0 < top_k <= num_experts:
-        raise ValueError(f"top-k {top_k} must be between 1 and the number of experts {num_experts}")
-    return DogeConfig(**{**dense.to_dict(), "is_moe": True, "num_experts": num_experts,
-                         "num_experts_per_tok": top_k})
-
-
-def upcycle(dense: DogeForCausalLM, config: DogeConfig) -> DogeForCausalLM:
-    """A CDMoE model of `config` (from `upcycled_config`) whose shared experts are `dense`'s MLPs
-    and whose output equals `dense`'s; the router and `down_embed` are initialised by the global RNG."""
-    moe = DogeForCausalLM(config).to(dense.dtype)
-    result = moe.load_state_dict(dense.state_dict(), strict=False)
-    unexpected_new = [k for k in result.missing_keys if not k.endswith(tuple(f"{p}.weight" for p in NEW_PARAMETERS))]
-    if result.unexpected_keys or unexpected_new:
-        raise ValueError(f"dense checkpoint does not match a Doge model: missing {unexpected_new}, "
-                         f"unexpected {result.unexpected_keys}")
-    with torch.no_grad():
-        for layer in moe.model.layers:
-            layer.mlp.up_embed.weight.zero_()
-    return moe
 
 
 def main(argv=None) -> None:

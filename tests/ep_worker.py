@@ -27,6 +27,7 @@ from doge.training.checkpoint import TrainerState
 from doge.training.distributed import init_distributed
 from doge.training.engine import _try_load, build_engine, param_groups
 from doge.training.lm_loss import causal_lm_loss
+from doge.training.objective import TrainedModel
 
 MOE = dict(is_moe=True, num_experts=64, num_experts_per_tok=4, router_aux_loss_coef=0.01)
 STEPS, MICRO, SEQ, LR, WD, CLIP = 5, 2, 16, 1e-3, 0.1, 0.5
@@ -93,7 +94,7 @@ def main(stage: int, ep_size: int, out: str) -> None:
     norms, stats = [], []
     for ids in batches(world):
         mine = ids[rank * MICRO:(rank + 1) * MICRO]
-        loss, metrics = causal_lm_loss(engine, mine, mine)
+        loss, metrics = causal_lm_loss(TrainedModel(engine, model.config, group), mine, mine)
         engine.backward(loss)
         engine.step()
         norms.append(float(engine.get_global_grad_norm()))
@@ -128,7 +129,7 @@ def load(ckpt: Path, ep_size: int, out: str) -> None:
     error = _try_load(engine, plan, ckpt, dist_info)
     assert error is None, error
     groups = [(g["name"], g["weight_decay"]) for g in engine.optimizer.param_groups]
-    dump(engine, getattr(engine.module, "expert_group", None), out, {"groups": groups})
+    dump(engine, expert_parallel.expert_group(ep_size), out, {"groups": groups})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from packaging.version import Version
 
 from doge import DogeForCausalLM
 from doge.model.cdmoe import load_balancing_loss
-from doge.upcycle import NEW_PARAMETERS, upcycle, upcycled_config
+from doge.model.upcycle import NEW_PARAMETERS, upcycle, upcycled_config
 
 MOE = dict(is_moe=True, num_experts=64, num_experts_per_tok=8)
 

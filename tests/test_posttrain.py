@@ -99,6 +99,7 @@ def test_sft_mask_covers_exactly_the_assistant_turns_and_their_end_token():
 
 def test_sft_batch_loss_equals_the_per_conversation_losses():
     from doge.data.chat import open_chat_data
+    from doge.training.objective import TrainedModel
     from doge.training.posttrain import SFTObjective, trim
 
     data, model = open_chat_data(sft_data(), "sft"), tiny_model()
@@ -106,7 +107,7 @@ def test_sft_batch_loss_equals_the_per_conversation_losses():
     batch = trim(ids, mask)
     assert batch["input_ids"].shape[1] < CHAT_LEN or mask[:, -1].any()
     with torch.no_grad():
-        loss, metrics = SFTObjective(data, None).loss(model, batch)
+        loss, metrics = SFTObjective(data, None).loss(TrainedModel(model, model.config), batch)
         total, count = 0.0, 0
         for row, row_mask in zip(ids, mask):  # each conversation alone, no padding, plain cross-entropy
             stop = int(row_mask.nonzero().max()) + 1

@@ -11,6 +11,7 @@ import train_harness as h
 
 from doge.training.engine import param_groups
 from doge.training.lm_loss import causal_lm_loss, router_statistics
+from doge.training.objective import TrainedModel
 
 
 def group_statistics(world: int, ep_size: int) -> dict:
@@ -28,7 +29,7 @@ def reference(world: int) -> dict:
     opt = torch.optim.AdamW(param_groups(model, w.WD), lr=w.LR, betas=(0.9, 0.95), eps=w.EPS)
     norms = []
     for ids in w.batches(world):
-        losses = [causal_lm_loss(model, chunk, chunk)[0] for chunk in ids.split(w.MICRO)]
+        losses = [causal_lm_loss(TrainedModel(model, model.config), chunk, chunk)[0] for chunk in ids.split(w.MICRO)]
         torch.stack(losses).mean().backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), w.CLIP)))
         opt.step()

@@ -14,7 +14,7 @@ def weights_at(rundir, step):
     """fp32 weights of a checkpoint, through the same export users run (any ZeRO stage)."""
     from safetensors.torch import load_file
 
-    from doge.export import export
+    from doge.training.export import export
 
     out = export(rundir / "checkpoints" / f"step-{step:08d}", rundir / f"export-{step}")
     return load_file(str(out / "model.safetensors"))

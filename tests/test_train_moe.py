@@ -10,6 +10,7 @@ from conftest import tiny_config
 from doge import DogeForCausalLM
 from doge.model.cdmoe import load_balancing_loss
 from doge.training.lm_loss import causal_lm_loss
+from doge.training.objective import TrainedModel
 
 MOE = dict(is_moe=True, num_experts=64, num_experts_per_tok=4)
 
@@ -17,7 +18,7 @@ MOE = dict(is_moe=True, num_experts=64, num_experts_per_tok=4)
 def router_grads(model, ids, weight):
     model.zero_grad()
     model.config.router_aux_loss_coef = weight
-    loss, metrics = causal_lm_loss(model, ids, ids)
+    loss, metrics = causal_lm_loss(TrainedModel(model, model.config), ids, ids)
     loss.backward()
     return [layer.mlp.router_gate.weight.grad.clone() for layer in model.model.layers], metrics
 
@@ -41,7 +42,7 @@ def test_aux_loss_adds_its_own_gradient_to_the_router():
 def test_dense_models_report_the_loss_only():
     model = DogeForCausalLM(tiny_config())
     ids = torch.randint(0, 256, (2, 16))
-    loss, metrics = causal_lm_loss(model, ids, ids)
+    loss, metrics = causal_lm_loss(TrainedModel(model, model.config), ids, ids)
     assert set(metrics) == {"loss"} and metrics["loss"] == loss.detach()
 
 

@@ -26,8 +26,6 @@ import os
 import pickle
 import random
 import shutil
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -154,11 +152,11 @@ def save(engine, root: Path, state: TrainerState, tokenizer_dir: str | None, kee
         atomic.fresh_staging_dir(final)
     barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
-    pause("save-engine", state.step)
+    pause(state.step, "save-engine")
     (tmp / "rng").mkdir(parents=True, exist_ok=True)
     with open(tmp / "rng" / f"rank-{rank:05d}.pkl", "wb") as fh:
         pickle.dump(_rng_state(), fh)
-    pause("save-rng", state.step)
+    pause(state.step, "save-rng")
     barrier()
     if rank == 0:
         _publish(tmp, final, state, tokenizer_dir)
@@ -173,15 +171,15 @@ def _publish(tmp: Path, final: Path, state: TrainerState, tokenizer_dir: str | N
     if tokenizer_dir:
         shutil.copytree(tokenizer_dir, tmp / "tokenizer")
     atomic.write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=1))
-    pause("save-state", state.step)
+    pause(state.step, "save-state")
     write_manifest(tmp)
-    pause("save-manifest", state.step)
+    pause(state.step, "save-manifest")
     if final.exists():
         move_aside(final)
     atomic.publish_dir(tmp, final)
-    pause("save-published", state.step)
+    pause(state.step, "save-published")
     atomic.write_text(final.parent / "latest", final.name + "\n")
-    pause("save-latest", state.step)
+    pause(state.step, "save-latest")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -209,23 +207,3 @@ def prune(root: Path, keep_last: int) -> None:
         if uni.name not in kept:
             shutil.rmtree(uni)
 
-
-def to_universal(ckpt: Path, out_root: Path) -> Path:
-    """Rank 0 only: DeepSpeed universal copy of `ckpt` under `out_root` (the source is only read).
-    CDMoE checkpoints go through the project's expert-aware converter, others through DeepSpeed's."""
-    from doge.training import consolidate
-
-    out = out_root / ckpt.name
-    if out.is_dir():
-        return out
-    tmp = atomic.fresh_staging_dir(out)
-    if consolidate.handles(ckpt):
-        consolidate.write_universal(ckpt, tmp)
-        return atomic.publish_dir(tmp, out)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-           "--num_merge_workers", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"universal conversion of {ckpt} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return atomic.publish_dir(tmp, out)

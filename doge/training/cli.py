@@ -19,12 +19,12 @@ from pathlib import Path
 
 from doge import atomic
 from doge.data import DataError
-from doge.launch import watch_launcher
 from doge.training import checkpoint as ckpt
 from doge.training import runlock
 from doge.training.distributed import Dist, barrier, init_distributed, rank_from_env, shutdown, world_from_env
 from doge.training.engine import build_engine, load_start
 from doge.training.flops import device_peak_flops, flops_per_token
+from doge.training.launcher_watch import watch_launcher
 from doge.training.loop import Trainer, install_stop_handlers, trainer_state
 from doge.training.metrics import Reporter, Throughput, start_wandb
 from doge.training.objective import Objective
@@ -97,9 +97,10 @@ def open_reporting(trainer: Trainer) -> None:
 
 
 def finish(trainer: Trainer) -> None:
-    """Rank 0 at the end of a completed run: plot, and HF export of the final checkpoint."""
-    from doge.export import export
-    from doge.plot import plot
+    """Rank 0 at the end of a completed run: plot, and HF export of the final checkpoint (both
+    imported here, so no rank loads matplotlib at start-up)."""
+    from doge.training.export import export
+    from doge.training.plot import plot
 
     rundir = trainer.plan.rundir
     plot(rundir)

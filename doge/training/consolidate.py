@@ -3,7 +3,7 @@
 DeepSpeed's own tools stop at expert-parallel checkpoints (`ds_to_universal` crashes on them,
 `zero_to_fp32` rejects their expert files), so CDMoE checkpoints go through this module: it reads
 every rank's optimizer file, puts each parameter's fp32 weights and both Adam moments back
-together, and writes either the full weights (for `doge.export`) or a DeepSpeed universal folder
+together, and writes either the full weights (for `doge.training.export`) or a DeepSpeed universal folder
 that loads at any world size and expert-parallel size (for resume and `--init-from`).
 
 How a ZeRO-1/2 file is laid out: optimizer group g is one flat buffer split over the ranks of its

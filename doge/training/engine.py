@@ -1,4 +1,4 @@
-"""The DeepSpeed engine: the model, its named parameter groups, precision, and loading a start point.
+"""The DeepSpeed engine: the model, its named parameter groups, and loading a start point.
 
 Parameter groups carry a `name` ("decay" / "no_decay"): weight decay applies to matrices and
 embedding tables only, never to norms, biases, residual scales or DMA's `A`; names also let
@@ -7,7 +7,6 @@ DeepSpeed split groups further (its expert-parallel groups are split by name).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,25 +15,9 @@ from doge.model.modeling import DogeForCausalLM
 from doge.training import checkpoint as ckpt
 from doge.training.compile import compile_model
 from doge.training.distributed import Dist, all_reduce_sum
+from doge.training.preflight import Plan
 from doge.training.recipe import ConfigError
-
-if TYPE_CHECKING:
-    from doge.training.preflight import Plan
-
-
-def device_type() -> str:
-    """"cuda", "cpu", ...: the accelerator DeepSpeed found."""
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name()
-
-
-def use_bf16(precision: str) -> bool:
-    """`auto`: bf16 where the accelerator has it natively (GPUs), fp32 on CPU."""
-    from deepspeed.accelerator import get_accelerator
-
-    return precision == "bf16" or (precision == "auto" and device_type() != "cpu"
-                                   and get_accelerator().is_bf16_supported())
+from doge.training.universal import to_universal
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -54,9 +37,9 @@ def build_engine(config: DogeConfig, ds_config: dict, weight_decay: float, seed:
     of varying length); `checkpointing`: each decoder layer's activations recomputed in backward."""
     import deepspeed
 
+    from doge.model.upcycle import upcycle
     from doge.training import expert_parallel
     from doge.training.weights import load_weights
-    from doge.upcycle import upcycle
 
     torch.manual_seed(seed)
     model = DogeForCausalLM(upcycle_from or config)
@@ -119,7 +102,7 @@ def _mark_invalid_norm(norm: torch.Tensor, device=None, val: float = -1.0) -> No
     norm.masked_fill_(~torch.isfinite(norm), val)
 
 
-def load_start(engine, plan: "Plan", dist: Dist) -> Path:
+def load_start(engine, plan: Plan, dist: Dist) -> Path:
     """Load engine state from the plan's checkpoint, through a universal copy when the world size or
     the expert-parallel size changed; a resume of the same world size also restores each rank's RNG streams. A resumed
     checkpoint that fails to load is moved to `broken/` and the previous complete one of the same
@@ -142,14 +125,14 @@ def load_start(engine, plan: "Plan", dist: Dist) -> Path:
                       "restore its files or start a new --output")
 
 
-def _try_load(engine, plan: "Plan", source: Path, dist: Dist) -> str | None:
+def _try_load(engine, plan: Plan, source: Path, dist: Dist) -> str | None:
     """Load `source` on every rank; None if every rank succeeded, else what went wrong."""
     load_dir, error = source, None
     if plan.reshard:
         out_root = plan.rundir / ("checkpoints/universal" if plan.start.resumed else "init-universal")
         if dist.is_main:
             try:
-                ckpt.to_universal(source, out_root)
+                to_universal(source, out_root)
             except RuntimeError as err:
                 error = str(err)
         load_dir = out_root / source.name

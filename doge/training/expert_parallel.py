@@ -157,14 +157,26 @@ def apply(model: nn.Module, ep_size: int):
     from deepspeed.utils import groups
 
     groups._create_expert_and_data_parallel(ep_size)
-    name = f"ep_size_{ep_size}"
-    group = groups._get_expert_parallel_group(name)
+    group = expert_group(ep_size)
     group_rank = dist.get_rank(group)
     for module in list(model.modules()):
         if isinstance(module, DogeCDMoE):
-            ExpertParallelCDMoE.convert(module, ep_size, name, group, group_rank)
-    model.expert_group = group  # read by the loss's router statistics
+            ExpertParallelCDMoE.convert(module, ep_size, _group_name(ep_size), group, group_rank)
     return group
+
+
+def _group_name(ep_size: int) -> str:
+    return f"ep_size_{ep_size}"
+
+
+def expert_group(ep_size: int):
+    """The expert group of `apply(model, ep_size)` (DeepSpeed keeps it by name), or None for 1: the
+    loop hands it to the objective, whose router statistics add up the group's token counts."""
+    if ep_size == 1:
+        return None
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_group(_group_name(ep_size))
 
 
 def optimizer_groups(groups: list[dict]) -> list[dict]:

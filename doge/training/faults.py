@@ -1,21 +1,32 @@
-"""Fault injection for the kill tests: a named point in the trainer can be made to pause.
+"""Fault injection and tracing for the tests, every hook in one place with one call shape.
 
-`DOGE_FAULT_PAUSE="POINT:STEP[:SECONDS]"` makes every rank that reaches POINT during optimizer
-step STEP print `fault pause: POINT step STEP` and sleep (an hour by default), so a test can
-kill -9 the job exactly there: mid-step, mid-evaluation, or between any two files of a save.
-Unset, `pause` is one dictionary lookup.
+Each hook is called as `faults.NAME(step, ...)`, `step` being the optimizer step it runs in (or has
+just finished), and is driven by one environment variable; unset, a hook costs one lookup and
+changes nothing, so a run with none set is the plain trainer.
 
-`DOGE_FAULT_STEP_SECONDS="SECONDS"` makes every optimizer step take at least SECONDS of wall time
-(a sleep before the next step: no number changes, so a run stays bit-identical), so a time-limit
-test knows how long the run takes however fast the machine is. Unset, `pace` is one lookup.
+`DOGE_FAULT_PAUSE="POINT:STEP[:SECONDS]"` (`pause`) makes every rank that reaches POINT during
+optimizer step STEP print `fault pause: POINT step STEP` and sleep (an hour by default), so a test
+can kill -9 the job exactly there: mid-step, mid-evaluation, or between any two files of a save.
 
-`DOGE_FAULT_SYNC_PROBE="STEP"` profiles optimizer step STEP on every rank and writes, to
-`RUNDIR/sync-probe/rank-R.json`, how many dispatched operations in it force the host to wait for
-the device (`SYNC_OPS`, device-to-host copies, explicit synchronisations) and how many operations
-were seen in all, so a test proves the step never waits. Unset, `sync_probe` is one lookup.
+`DOGE_FAULT_STEP_SECONDS="SECONDS"` (`pace`) makes every optimizer step take at least SECONDS of
+wall time (a sleep before the next step: no number changes, so a run stays bit-identical), so a
+time-limit test knows how long the run takes however fast the machine is.
 
-`DOGE_FAULT_STRICT_COMPILE="STEP"` sets `torch.compiler.set_stance("fail_on_recompile")` after
-optimizer step STEP: any later recompilation of a compiled layer ends the run with dynamo's error.
+`DOGE_FAULT_NAN_STEPS="5,6"` (`poison`) makes those steps' loss and metrics NaN, so the guards
+against non-finite steps (DeepSpeed's, or the device-side one) are tested on a real run.
+
+`DOGE_FAULT_SYNC_PROBE="STEP"` (`sync_probe`) profiles optimizer step STEP on every rank and
+writes, to `RUNDIR/sync-probe/rank-R.json`, how many dispatched operations in it force the host to
+wait for the device (`SYNC_OPS`, device-to-host copies, explicit synchronisations) and how many
+operations were seen in all, so a test proves the step never waits.
+
+`DOGE_FAULT_STRICT_COMPILE="STEP"` (`after_step`) sets `torch.compiler.set_stance(
+"fail_on_recompile")` after optimizer step STEP: any later recompilation of a compiled layer ends
+the run with dynamo's error.
+
+`DOGE_TRACE_SAMPLES="FOLDER"` (`trace`) makes each rank append the token rows it trains on to
+FOLDER/rank-R.jsonl, one line per step: {"step", "first": the global index of its first sample,
+"rows"}, so a test compares what was consumed with the data itself.
 """
 from __future__ import annotations
 
@@ -29,30 +40,40 @@ from pathlib import Path
 
 PAUSE_ENV = "DOGE_FAULT_PAUSE"
 STEP_SECONDS_ENV = "DOGE_FAULT_STEP_SECONDS"
+NAN_STEPS_ENV = "DOGE_FAULT_NAN_STEPS"
 SYNC_PROBE_ENV = "DOGE_FAULT_SYNC_PROBE"
 STRICT_COMPILE_ENV = "DOGE_FAULT_STRICT_COMPILE"
+TRACE_ENV = "DOGE_TRACE_SAMPLES"
 # Dispatches that read a device value on the host (or size a result by the data, which does too).
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::masked_select", "aten::unique",
             "aten::_unique2", "aten::bincount", "aten::repeat_interleave.Tensor")
 SYNC_EVENTS = ("Memcpy DtoH", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-_last_step_start: list[float] = []
+_step_started: dict[int, float] = {}
 
 
-def pause(point: str, step: int) -> None:
+def pause(step: int, point: str) -> None:
     fault = os.environ.get(PAUSE_ENV, "").split(":")
     if len(fault) >= 2 and fault[0] == point and int(fault[1]) == step:
         print(f"fault pause: {point} step {step}", file=sys.stderr, flush=True)
         time.sleep(float(fault[2]) if len(fault) > 2 else 3600.0)
 
 
-def pace() -> None:
-    """Called at the start of every step: sleeps until SECONDS after the previous call (none before the first)."""
+def pace(step: int) -> None:
+    """Before step `step`: sleeps until SECONDS after the previous step began (none before a run's first)."""
     seconds = os.environ.get(STEP_SECONDS_ENV)
     if not seconds:
         return
-    if _last_step_start:
-        time.sleep(max(0.0, _last_step_start[-1] + float(seconds) - time.monotonic()))
-    _last_step_start[:] = [time.monotonic()]
+    if step - 1 in _step_started:
+        time.sleep(max(0.0, _step_started.pop(step - 1) + float(seconds) - time.monotonic()))
+    _step_started[step] = time.monotonic()
+
+
+def poison(step: int, loss, metrics: dict) -> tuple:
+    """(loss, metrics) of a micro-batch of step `step`, NaN when the step is listed."""
+    if str(step) not in os.environ.get(NAN_STEPS_ENV, "").split(","):
+        return loss, metrics
+    nan = float("nan")
+    return loss * nan, {k: v * nan for k, v in metrics.items()}
 
 
 @contextmanager
@@ -93,3 +114,14 @@ def after_step(step: int) -> None:
         import torch
 
         torch.compiler.set_stance("fail_on_recompile")
+
+
+def trace(step: int, rank: int, first: int, batches: list[dict]) -> None:
+    """Append this rank's rows of step `step` (micro-batches `batches`, from global sample `first`)."""
+    folder = os.environ.get(TRACE_ENV)
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    rows = [row for batch in batches for row in batch["input_ids"].tolist()]
+    with open(Path(folder) / f"rank-{rank}.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": step, "first": first, "rows": rows}) + "\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from doge.model.cdmoe import product_key_topk
+from doge.training.objective import TrainedModel
 
 
 @torch.no_grad()
@@ -33,11 +34,10 @@ def router_statistics(router_logits: tuple[torch.Tensor, ...], num_experts: int,
     return {"experts_used": torch.stack(used).mean(), "max_load": torch.stack(max_load).mean()}
 
 
-def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor):
+def causal_lm_loss(model: TrainedModel, input_ids: torch.Tensor, labels: torch.Tensor):
     """(loss to back-propagate, metrics); `labels` -100 marks positions without a target. The
     reported `loss` is the language-modelling part alone, comparable across dense and CDMoE runs."""
-    net = getattr(model, "module", model)
-    config = net.config
+    config = model.config
     out = model(input_ids=input_ids, labels=labels, skip_logits=True, output_router_logits=config.is_moe,
                 use_cache=False)
     if not config.is_moe:
@@ -45,5 +45,5 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor):
     aux = out.aux_loss.detach()
     metrics = {"loss": out.loss.detach() - config.router_aux_loss_coef * aux, "aux_loss": aux,
                **router_statistics(out.router_logits, config.num_experts, config.num_experts_per_tok,
-                                   getattr(net, "expert_group", None))}
+                                   model.expert_group)}
     return out.loss, metrics

@@ -15,22 +15,23 @@ is a host value exchanged on the host. Non-finite steps are skipped by the optim
 from __future__ import annotations
 
 import math
-import os
 import signal
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import torch
 from deepspeed import DeepSpeedEngine
 
 from doge.training import checkpoint as ckpt
+from doge.training import faults
 from doge.training.distributed import Dist, all_reduce_sum, any_rank
 from doge.training.engine import set_lr
-from doge.training.faults import after_step, pace, pause, sync_probe
+from doge.training.expert_parallel import expert_group
 from doge.training.metrics import Reporter, Throughput
+from doge.training.objective import TrainedModel
 from doge.training.preflight import Plan
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-NAN_STEPS_ENV = "DOGE_FAULT_NAN_STEPS"  # fault injection for tests: "5,6" makes those steps' loss NaN
 _stop_requested: list[int] = []
 
 
@@ -38,10 +39,6 @@ def install_stop_handlers() -> None:
     """SIGUSR1/SIGTERM only set a flag: the step finishes, then every rank saves and stops."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, frame: _stop_requested.append(signum))
-
-
-def _poisoned(step: int) -> bool:
-    return str(step) in os.environ.get(NAN_STEPS_ENV, "").split(",")
 
 
 def accumulate(sums: dict, metrics: dict) -> dict:
@@ -82,6 +79,12 @@ class Trainer:
     def recipe(self):
         return self.plan.recipe
 
+    @cached_property
+    def model(self) -> TrainedModel:
+        """What the objective's loss is handed: the engine's forward, the model's config and the
+        expert group (the engine itself stays the loop's)."""
+        return TrainedModel(self.engine, self.engine.module.config, expert_group(self.recipe.expert_parallel_size))
+
     def reduce(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         """Rank means of scalar `values`, read back."""
         return dict(zip(values, self.rank_means([values])[0].tolist()))
@@ -102,19 +105,17 @@ class Trainer:
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step; returns this rank's metrics (means over its micro-batches) and the global
         gradient norm, as device tensors: nothing is read back here."""
-        objective, step = self.plan.objective, self.state.step + 1
-        batches = objective.train_batches(self.state.samples_consumed, self.plan.global_batch, self.dist,
-                                          self.recipe.micro_batch_size)
+        objective, step, consumed = self.plan.objective, self.state.step + 1, self.state.samples_consumed
+        batches = objective.train_batches(consumed, self.plan.global_batch, self.dist, self.recipe.micro_batch_size)
+        faults.trace(step, self.dist.rank, consumed + self.dist.rank * self.plan.global_batch // self.dist.world,
+                     batches)
         sums: dict[str, torch.Tensor] = {}
         for batch in batches:
-            loss, metrics = objective.loss(self.engine, self.to_device(batch))
-            if _poisoned(step):
-                loss = loss * float("nan")
-                metrics = {k: v * float("nan") for k, v in metrics.items()}
+            loss, metrics = faults.poison(step, *objective.loss(self.model, self.to_device(batch)))
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the update at the accumulation boundary only
             accumulate(sums, {"objective": loss.detach(), **metrics})
-            pause("step", step)  # after the first micro-batch: mid-accumulation
+            faults.pause(step, "step")  # after the first micro-batch: mid-accumulation
         norm = self.engine.get_global_grad_norm()  # a device tensor, or a float / None
         norm = torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float32, device=self.engine.device)
         return {**{k: v / len(batches) for k, v in sums.items()},
@@ -129,8 +130,8 @@ class Trainer:
         self.engine.eval()
         sums: dict[str, torch.Tensor] = {}
         for batch in batches:
-            accumulate(sums, self.plan.objective.loss(self.engine, self.to_device(batch))[1])
-            pause("eval", self.state.step)
+            accumulate(sums, self.plan.objective.loss(self.model, self.to_device(batch))[1])
+            faults.pause(self.state.step, "eval")
         self.engine.train()
         means = self.reduce({k: v / len(batches) for k, v in sums.items()})
         return {f"val_{k}": v for k, v in means.items()}
@@ -176,10 +177,10 @@ class Trainer:
         tokens_per_step = plan.global_batch * recipe.seq_len
         interval, pending, stopped = Interval(), [], False
         while state.step < recipe.max_steps and not stopped:
-            pace()  # a no-op unless a test sets DOGE_FAULT_STEP_SECONDS
+            faults.pace(state.step + 1)
             lr = plan.schedule(state.step)
             set_lr(self.engine, lr)
-            with sync_probe(state.step + 1, plan.rundir, self.dist.rank):
+            with faults.sync_probe(state.step + 1, plan.rundir, self.dist.rank):
                 pending.append((state.step + 1, lr, self.train_step()))
                 stopped = any_rank(bool(_stop_requested))
             state.step += 1
@@ -198,7 +199,7 @@ class Trainer:
                 self.validate()
             if save:
                 self.save(stopped)
-            after_step(state.step)
+            faults.after_step(state.step)
         return stopped
 
     def settle(self, pending: list, interval: Interval) -> None:

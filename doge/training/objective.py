@@ -12,15 +12,33 @@ data) is a subclass plus a three-line entry script calling `doge.training.cli.ma
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
+from doge.model.configuration import DogeConfig
 from doge.training.checkpoint import TrainerState
 from doge.training.distributed import Dist
 from doge.training.recipe import Recipe
 
 Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """The model being trained, as an objective sees it: a forward call, the model's config, and
+    the expert group its CDMoE tables are sharded over (None when every rank holds them whole).
+    The loop builds it around the DeepSpeed engine once, so an objective reads no attribute off the
+    engine or the model; a plain model serves too: `TrainedModel(model, model.config)`."""
+
+    forward: Callable[..., Any]
+    config: DogeConfig
+    expert_group: Any = None
+
+    def __call__(self, **inputs):
+        return self.forward(**inputs)
 
 
 class Objective(ABC):
@@ -51,7 +69,7 @@ class Objective(ABC):
         """This rank's share of the held-out batches, the same number on every rank (may be none)."""
 
     @abstractmethod
-    def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: TrainedModel, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss to back-propagate, scalar metrics averaged over micro-batches and ranks). The
         metrics include `loss`, the number reported as the training (and validation) loss."""
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from doge.model.configuration import PRESETS, DogeConfig
 from doge.training import checkpoint as ckpt
 from doge.training import runlock
+from doge.training.accelerator import device_type, use_bf16
 from doge.training.compile import compile_wanted
 from doge.training.distributed import rank_from_env
 from doge.training.ds_config import fill as fill_ds_config
-from doge.training.engine import device_type, use_bf16
 from doge.training.objective import Objective
 from doge.training.recipe import ConfigError, Recipe, flag
 from doge.training.schedule import WSD
@@ -196,7 +196,7 @@ def upcycle_start(recipe: Recipe, source: Path | None, source_state: ckpt.Traine
     """A new upcycled run: (dense weights folder, dense config, CDMoE config). The dense start is
     --init-from / a --model checkpoint (only its weights are used: the optimizer starts fresh for
     the new parameters) or a --model export."""
-    from doge.upcycle import upcycled_config
+    from doge.model.upcycle import upcycled_config
 
     if (recipe.upcycle_experts is None) != (recipe.upcycle_top_k is None):
         raise ConfigError("--upcycle-experts and --upcycle-top-k go together: give both (e.g. 1024 and 16 for "

@@ -6,18 +6,12 @@ row_len // seq_len samples, so every token is trained on once per epoch, and the
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 from doge.data import DataError, open_pretrain_data
 from doge.training.checkpoint import TrainerState
 from doge.training.distributed import Dist
 from doge.training.lm_loss import causal_lm_loss
 from doge.training.objective import Batch, Objective
 from doge.training.recipe import ConfigError, Recipe
-
-TRACE_ENV = "DOGE_TRACE_SAMPLES"  # for tests: a folder where each rank logs the samples it trains on
 
 
 def open_data(path: str, recipe: Recipe, vocab_size: int, split: str):
@@ -62,7 +56,6 @@ class PretrainObjective(Objective):
 
     def train_batches(self, samples_consumed: int, global_batch: int, dist: Dist, micro: int) -> list[Batch]:
         rows = self.train.rank_batch(samples_consumed, global_batch, dist.rank, dist.world)
-        _trace(samples_consumed, dist, rows)
         return [{"input_ids": part} for part in rows.split(micro)]
 
     def eval_batches(self, dist: Dist, micro: int, max_samples: int) -> list[Batch]:
@@ -82,13 +75,3 @@ class PretrainObjective(Objective):
         held_out = f", {len(self.val)} held-out samples" if self.val is not None else ""
         return f"pre-training on {self.train.describe()}{held_out}"
 
-
-def _trace(samples_consumed: int, dist: Dist, rows) -> None:
-    """Append the step's samples of this rank to $DOGE_TRACE_SAMPLES/rank-R.jsonl (tests only)."""
-    folder = os.environ.get(TRACE_ENV)
-    if not folder:
-        return
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    first = samples_consumed + dist.rank * len(rows)
-    with open(Path(folder) / f"rank-{dist.rank}.jsonl", "a") as fh:
-        fh.write(json.dumps({"first": first, "rows": rows.tolist()}) + "\n")
