@@ -15,16 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 import train_harness as h
+import yaml
 from conftest import ASSETS
 
 OASST, GSM8K = ASSETS / "sft" / "oasst_en_messages.jsonl", ASSETS / "sft" / "gsm8k_train.jsonl"
 HH = ASSETS / "dpo" / "hh_helpful_base_test.jsonl.gz"
 CHAT_LEN = 256
-# 16 steps of 8 conversations (4 per rank, micro batch 2), checkpoints every 8.
+# 16 steps of 8 conversations (4 per rank, micro batch 2), checkpoints every 8 (--epochs none: the chat
+# recipes' default of 2 epochs would set max_steps from the data).
 SFT_RUN = ["--deepspeed", "ds_configs/zero2.json", "--seq-len", str(CHAT_LEN), "--micro-batch-size", "2",
            "--global-batch-tokens", str(8 * CHAT_LEN), "--max-steps", "16", "--warmup-steps", "2", "--decay-steps",
            "4", "--lr", "2e-3", "--log-interval", "1", "--eval-interval", "0", "--save-interval", "8",
-           "--precision", "fp32", "--wandb", "off", "--keep-last", "0"]
+           "--precision", "fp32", "--wandb", "off", "--keep-last", "0", "--epochs", "none"]
 
 
 def prepare_chat(name: str, kind: str, *inputs, extra=()) -> h.Path:
@@ -226,15 +228,67 @@ def test_sft_export_chats_through_doge_generate():
     ("sft-doge-20m", 8e-4, 2048, 0.25e6), ("sft-doge-60m", 6e-4, 2048, 0.25e6),
     ("dpo-doge-20m", 8e-5, 1024, 0.125e6), ("dpo-doge-60m", 6e-5, 1024, 0.125e6)])
 def test_post_training_recipes_carry_the_published_values(name, lr, seq_len, tokens):
-    from doge.training.recipe import load_recipe
-
-    recipe = load_recipe(str(h.REPO / "recipes" / f"{name}.yaml"), {})
+    recipe = objective_of(name).recipe_class.load(str(h.REPO / "recipes" / f"{name}.yaml"), {})
     assert (recipe.lr, recipe.seq_len, recipe.epochs, recipe.precision) == (lr, seq_len, 2, "bf16")
     assert abs(recipe.global_batch_tokens - tokens) / tokens < 0.05
 
 
+def objective_of(recipe_name: str):
+    from doge.training.posttrain import DPOObjective, SFTObjective
+
+    return {"sft": SFTObjective, "dpo": DPOObjective}[recipe_name.split("-")[0]]
+
+
+@pytest.mark.parametrize("name", ["sft-doge-20m", "dpo-doge-20m"])
+def test_post_training_defaults_are_the_published_20m_recipes(name):
+    """Each objective starts from its own defaults: `doge/sft.py` / `doge/dpo.py` without --recipe run
+    the published Doge-20M-Instruct recipe (precision stays auto: bf16 on GPUs, fp32 on CPU)."""
+    published = yaml.safe_load((h.REPO / "recipes" / f"{name}.yaml").read_text())
+    defaults = vars(objective_of(name).recipe_class())
+    assert {k: defaults[k] for k in published if k != "precision"} == {
+        k: v for k, v in published.items() if k != "precision"}
+
+
+def test_a_recipe_key_of_another_objective_is_unknown(tmp_path):
+    from doge.training.recipe import ConfigError
+
+    path = tmp_path / "sft-with-beta.yaml"
+    path.write_text((h.REPO / "recipes" / "sft-doge-20m.yaml").read_text() + "beta: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown recipe key\(s\) \['beta'\] for SFT; valid keys: .*'epochs'"):
+        objective_of("sft").recipe_class.load(str(path), {})
+
+
+@pytest.mark.slow
+def test_dpo_resume_with_another_beta_is_refused_before_the_process_group(tmp_path):
+    """What a resume must keep is the objective's to declare (DPO: beta) and preflight's to check:
+    a DPO checkpoint trained with beta 0.1, resumed with --beta 0.2, is one error line, exit 2,
+    before any data is read or process group started."""
+    from dataclasses import asdict
+
+    from test_train_preflight import assert_one_clean_line, lone_rank_of_two
+
+    from doge import DogeConfig
+    from doge.training.checkpoint import STATE_FILE, TrainerState
+
+    reference, rundir = tmp_path / "sft-export", tmp_path / "dpo-run"
+    reference.mkdir()
+    for name in ("config.json", "model.safetensors"):  # an export in name only: the refusal reads neither
+        (reference / name).touch()
+    recipe = objective_of("dpo").recipe_class(model=str(reference), beta=0.1)
+    state = TrainerState(step=8, world_size=2, recipe=asdict(recipe),
+                         model_config=DogeConfig.from_preset("doge-tiny").to_dict())
+    checkpoint = rundir / "checkpoints" / "step-00000008"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text(json.dumps(asdict(state)))
+    cmd = [sys.executable, "doge/dpo.py", "--deepspeed", "ds_configs/zero2.json", "--model", str(reference),
+           "--data", str(tmp_path / "no-data-needed"), "--output", str(rundir), "--beta", "0.2"]
+    done = h.run(cmd, expect_rc=2, timeout=120, **lone_rank_of_two())
+    assert_one_clean_line(done, f"--beta (recipe key beta) = 0.2 differs from checkpoint {checkpoint}, trained "
+                                "with beta = 0.1: resume with the run's own value (0.1)")
+
+
 def test_model_must_be_a_preset_or_a_folder():
-    from doge.training.recipe import ConfigError, load_recipe
+    from doge.training.recipe import ConfigError, PretrainRecipe
 
     with pytest.raises(ConfigError, match="neither a preset"):
-        load_recipe(None, {"model": "doge-7b"})
+        PretrainRecipe.load(None, {"model": "doge-7b"})

@@ -1,9 +1,11 @@
 """The command line every training entry point shares: parse, check, start, train, finish.
 
 `main(Objective, __doc__)` is a whole entry script: flags are `--deepspeed`, `--recipe`,
-`--data`, `--output` and one flag per recipe field. The order matters: the run is checked
-completely (`doge.training.preflight`) before the process group starts, so a bad config costs
-no DeepSpeed start-up and prints one `error: ...` line (exit 2) from rank 0 only.
+`--data`, `--output` and one flag per field of the objective's recipe (`Objective.recipe_class`),
+so each entry script lists its own fields and defaults and refuses another objective's. The
+order matters: the run is checked completely (`doge.training.preflight`) before the process
+group starts, so a bad config costs no DeepSpeed start-up and prints one `error: ...` line
+(exit 2) from rank 0 only.
 
 Rank 0 keeps `RUNDIR/status.json` ({"state": running|finished|stopped|failed, "reason", "step"})
 up to date at start, finish, stop signal and failure, for requeue scripts; a job killed outright
@@ -29,10 +31,10 @@ from doge.training.loop import Trainer, install_stop_handlers, trainer_state
 from doge.training.metrics import Reporter, Throughput, start_wandb
 from doge.training.objective import Objective
 from doge.training.preflight import Plan, preflight
-from doge.training.recipe import ConfigError, Recipe, add_recipe_flags, load_recipe
+from doge.training.recipe import ConfigError, Recipe
 
 
-def parse_args(description: str, argv=None) -> tuple[argparse.Namespace, Recipe]:
+def parse_args(recipe_class: type[Recipe], description: str, argv=None) -> tuple[argparse.Namespace, Recipe]:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deepspeed", required=True, metavar="JSON",
                         help="DeepSpeed config, e.g. ds_configs/zero2.json")
@@ -41,10 +43,11 @@ def parse_args(description: str, argv=None) -> tuple[argparse.Namespace, Recipe]
     parser.add_argument("--output", required=True, metavar="RUNDIR",
                         help="run folder: checkpoints, metrics, final export")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    add_recipe_flags(parser)
+    recipe_class.add_flags(parser)
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k in Recipe.__dataclass_fields__}
-    return args, load_recipe(args.recipe, overrides)
+    names = {f.name for f, _ in recipe_class.fields()}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return args, recipe_class.load(args.recipe, overrides)
 
 
 def start(plan: Plan, dist: Dist) -> Trainer:
@@ -139,7 +142,7 @@ def main(objective_cls: type[Objective], description: str, argv=None) -> int:
     watch_launcher()  # a rank never outlives its launcher
     args = None
     try:
-        args, recipe = parse_args(description, argv)
+        args, recipe = parse_args(objective_cls.recipe_class, description, argv)
         plan = preflight(args, recipe, objective_cls, world_from_env())
     except ConfigError as err:
         return refuse(err, args and args.output)

@@ -5,6 +5,9 @@ LR schedule, gradient accumulation, guards against non-finite steps, logging, ev
 checkpoints and stop signals. An `Objective` owns only its data and its loss: which micro-batches
 make up the next optimizer step, what one micro-batch's loss and metrics are, which batches are
 held out for evaluation. It never sees DeepSpeed, ranks' collectives or the checkpoint format.
+It also declares its configuration (`recipe_class`: the run's flags, YAML keys and defaults) and
+what a resume must keep (`fingerprint` of the data, `resume_fields` of the recipe), which
+`doge.training.preflight` checks before anything starts.
 
 Pre-training (`doge.training.pretrain`) is one objective; another (e.g. fine-tuning on chat
 data) is a subclass plus a three-line entry script calling `doge.training.cli.main`.
@@ -44,7 +47,11 @@ class TrainedModel:
 class Objective(ABC):
     """What is trained. Built by `open` before any process group exists."""
 
-    #: data identity, checked on resume (same data) and continuation (same tokenizer)
+    #: the recipe this objective is configured by: its fields are the run's flags and YAML keys
+    recipe_class: type[Recipe]
+    #: recipe fields a resume must keep, besides the model (--model, model_overrides) and the data
+    resume_fields: tuple[str, ...] = ()
+    #: data identity, checked by preflight on resume (same data) and continuation (same tokenizer)
     fingerprint: str
     tokenizer_fingerprint: str
     #: the tokenizer folder copied into every checkpoint and export (None if the data has none)
@@ -54,10 +61,9 @@ class Objective(ABC):
 
     @classmethod
     @abstractmethod
-    def open(cls, data: str, recipe: Recipe, model_config, source: TrainerState | None,
-             resumed: bool) -> "Objective":
-        """Open and check the data against the model and the checkpoint being loaded (`source`,
-        its own run's when `resumed`); raise `ConfigError` naming the fix."""
+    def open(cls, data: str, recipe: Recipe, model_config, source: TrainerState | None) -> "Objective":
+        """Open and check the data against the model and the start (`source`: the state of the
+        checkpoint being loaded, None for fresh weights); raise `ConfigError` naming the fix."""
 
     @abstractmethod
     def train_batches(self, samples_consumed: int, global_batch: int, dist: Dist, micro: int) -> list[Batch]:

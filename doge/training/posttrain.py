@@ -29,11 +29,10 @@ from doge.training.checkpoint import TrainerState
 from doge.training.distributed import Dist
 from doge.training.lm_loss import causal_lm_loss
 from doge.training.objective import Batch, Objective
-from doge.training.pretrain import check_same_data
-from doge.training.recipe import ConfigError, Recipe
+from doge.training.recipe import ChatRecipe, ConfigError, DPORecipe
 
 
-def open_split(data: str, kind: str, split: str, recipe: Recipe, vocab_size: int) -> ChatData:
+def open_split(data: str, kind: str, split: str, recipe: ChatRecipe, vocab_size: int) -> ChatData:
     try:
         chat = open_chat_data(data, kind, split, recipe.seed)
     except (DataError, OSError) as err:
@@ -47,7 +46,7 @@ def open_split(data: str, kind: str, split: str, recipe: Recipe, vocab_size: int
     return chat
 
 
-def check_model_tokenizer(data: str, chat: ChatData, recipe: Recipe) -> None:
+def check_model_tokenizer(data: str, chat: ChatData, recipe: ChatRecipe) -> None:
     """An export carries its tokenizer: the chat data must have been rendered with it."""
     folder = Path(recipe.model)
     if not (folder / "tokenizer.json").is_file():
@@ -69,6 +68,7 @@ def trim(ids: np.ndarray, mask: np.ndarray) -> Batch:
 
 
 class ChatObjective(Objective):
+    recipe_class = ChatRecipe
     kind: str
     variable_length = True
 
@@ -78,18 +78,17 @@ class ChatObjective(Objective):
         self.tokenizer_dir = train.tokenizer_dir
 
     @classmethod
-    def open(cls, data: str, recipe: Recipe, model_config, source: TrainerState | None, resumed: bool):
+    def open(cls, data: str, recipe: ChatRecipe, model_config, source: TrainerState | None):
         if source is None and recipe.model in PRESETS:
             raise ConfigError(f"{cls.kind.upper()} starts from a trained model, not preset {recipe.model}: pass "
                               "--model EXPORT_OR_CHECKPOINT (e.g. the pre-training run's RUNDIR/final)")
         train = open_split(data, cls.kind, "train", recipe, model_config.vocab_size)
-        check_same_data(data, train, source, resumed)
         check_model_tokenizer(data, train, recipe)
         val = open_split(data, cls.kind, "val", recipe, model_config.vocab_size) if recipe.eval_interval else None
         return cls.build(train, val, recipe)
 
     @classmethod
-    def build(cls, train: ChatData, val: ChatData | None, recipe: Recipe):
+    def build(cls, train: ChatData, val: ChatData | None, recipe: ChatRecipe):
         return cls(train, val)
 
     def samples_per_epoch(self) -> int:
@@ -142,7 +141,7 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
     return loss, metrics
 
 
-def load_reference(recipe: Recipe):
+def load_reference(recipe: DPORecipe):
     """The frozen reference policy: the `--model` export DPO starts from."""
     from doge.model.modeling import DogeForCausalLM
 
@@ -155,6 +154,8 @@ def load_reference(recipe: Recipe):
 
 
 class DPOObjective(ChatObjective):
+    recipe_class = DPORecipe
+    resume_fields = ("beta",)  # --model, which every resume keeps, is also the frozen reference
     kind = "dpo"
 
     def __init__(self, train: ChatData, val: ChatData | None, reference, beta: float):
@@ -162,7 +163,7 @@ class DPOObjective(ChatObjective):
         self.reference, self.beta = reference, beta
 
     @classmethod
-    def build(cls, train: ChatData, val: ChatData | None, recipe: Recipe):
+    def build(cls, train: ChatData, val: ChatData | None, recipe: DPORecipe):
         return cls(train, val, load_reference(recipe), recipe.beta)
 
     def loss(self, model, batch: Batch):

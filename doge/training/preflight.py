@@ -1,11 +1,14 @@
 """Everything that can be checked before a process group starts, in one place.
 
 Each rank runs `preflight` right after parsing its command line and before DeepSpeed is touched:
-the recipe's fields (already checked by `load_recipe`), the WSD phases against `max_steps`, the
+the recipe's fields (already checked by `Recipe.load`), the WSD phases against `max_steps`, the
 batch geometry against the world size the launcher exported, the DeepSpeed config's "auto"
 values, the start point (own checkpoint, `--init-from`) and the data against the model and the
-checkpoint. Any failure is a `ConfigError`; the command line turns it into one `error: ...` line
-and exit code 2 on every launcher, and no rank has started a process group or an engine.
+checkpoint. What a resume must keep is checked here for every objective, as the objective
+declares it: the model and the recipe fields in `Objective.resume_fields` (e.g. DPO's beta)
+before any data is opened, the data's fingerprint once it is. Any failure is a `ConfigError`;
+the command line turns it into one `error: ...` line and exit code 2 on every launcher, and no
+rank has started a process group or an engine.
 """
 from __future__ import annotations
 
@@ -75,9 +78,7 @@ def resolve_start(rundir: Path, recipe: Recipe) -> tuple[Path | None, ckpt.Train
         if recipe.resume == "never":
             raise ConfigError(f"--output {rundir} already holds checkpoint {own.name} and --resume is never: "
                               "choose a new --output or drop --resume never")
-        state = ckpt.TrainerState.read(own)
-        check_same_model(recipe, state, own)
-        return own, state, skipped
+        return own, ckpt.TrainerState.read(own), skipped
     if skipped:
         folder, reason = skipped[-1]
         raise ConfigError(f"{folder} is not a complete checkpoint ({reason}) and {rundir / 'checkpoints'} holds no "
@@ -104,6 +105,37 @@ def check_same_model(recipe: Recipe, state: ckpt.TrainerState, own: Path) -> Non
                           f"checkpoint {own}, trained as --model {trained[0]} (model_overrides {trained[1]}): "
                           "resume with the run's own --model/recipe, or choose a new --output (--init-from "
                           f"{own} starts a new run from these weights)")
+
+
+def check_resume(recipe: Recipe, objective_cls: type[Objective], start: Start) -> None:
+    """A resume continues the checkpoint's run: its model and the recipe fields its objective
+    declares (`Objective.resume_fields`) keep the values the run was started with (a field the
+    checkpoint predates is not compared)."""
+    if not start.resumed:
+        return
+    state, own = start.source_state, start.source
+    check_same_model(recipe, state, own)
+    for name in objective_cls.resume_fields:
+        ours, theirs = getattr(recipe, name), state.recipe.get(name, getattr(recipe, name))
+        if ours != theirs:
+            raise ConfigError(f"{flag(name)} = {ours} differs from checkpoint {own}, trained with {name} = {theirs}: "
+                              f"resume with the run's own value ({theirs}), or choose a new --output (--init-from "
+                              f"{own} starts a new run from these weights)")
+
+
+def check_same_data(data: str, objective: Objective, start: Start) -> None:
+    """A resume must see the data it was trained on; a continuation at least its tokenizer."""
+    source = start.source_state
+    if source is None:
+        return
+    if start.resumed and source.data_fingerprint != objective.fingerprint:
+        raise ConfigError(f"--data {data} is not the data this run was trained on (fingerprint "
+                          f"{objective.fingerprint} != {source.data_fingerprint}): pass the original --data and "
+                          "--seq-len, or start a new --output with --init-from to continue on new data")
+    if source.tokenizer_fingerprint != objective.tokenizer_fingerprint:
+        raise ConfigError(f"--data {data} uses tokenizer {objective.tokenizer_fingerprint} but the checkpoint "
+                          f"was trained with {source.tokenizer_fingerprint}: prepare the data with the "
+                          "checkpoint's tokenizer (its tokenizer/ folder)")
 
 
 def check_zero_stage(path: str, ds_config: dict, source: Path) -> None:
@@ -179,7 +211,7 @@ class Start:
 def start_point(rundir: Path, recipe: Recipe, ds_path: str, ds_config: dict) -> Start:
     source, source_state, skipped = resolve_start(rundir, recipe)
     resumed = source is not None and source.parent == rundir / "checkpoints"
-    if (recipe.upcycle_experts or recipe.upcycle_top_k) and not resumed:  # a resume holds the CDMoE model
+    if any(recipe.upcycle_to()) and not resumed:  # a resume holds the CDMoE model
         init_weights, dense, config = upcycle_start(recipe, source, source_state)
         start = Start(None, None, False, config, init_weights, dense, skipped)
     else:
@@ -198,7 +230,8 @@ def upcycle_start(recipe: Recipe, source: Path | None, source_state: ckpt.Traine
     the new parameters) or a --model export."""
     from doge.model.upcycle import upcycled_config
 
-    if (recipe.upcycle_experts is None) != (recipe.upcycle_top_k is None):
+    experts, top_k = recipe.upcycle_to()
+    if (experts is None) != (top_k is None):
         raise ConfigError("--upcycle-experts and --upcycle-top-k go together: give both (e.g. 1024 and 16 for "
                           "doge-20m) or neither")
     folder = source or export_folder(recipe)
@@ -207,10 +240,9 @@ def upcycle_start(recipe: Recipe, source: Path | None, source_state: ckpt.Traine
                           "a preset; pass --model EXPORT (e.g. RUNDIR/final) or --init-from CHECKPOINT")
     dense = DogeConfig(**source_state.model_config) if source_state else DogeConfig.from_pretrained(folder)
     try:
-        return folder, dense, upcycled_config(dense, recipe.upcycle_experts, recipe.upcycle_top_k)
+        return folder, dense, upcycled_config(dense, experts, top_k)
     except ValueError as err:
-        raise ConfigError(f"--upcycle-experts {recipe.upcycle_experts} --upcycle-top-k {recipe.upcycle_top_k} "
-                          f"with {folder}: {err}") from err
+        raise ConfigError(f"--upcycle-experts {experts} --upcycle-top-k {top_k} with {folder}: {err}") from err
 
 
 def deepspeed_config(path: str, recipe: Recipe, global_batch: int, grad_accum: int, world: int,
@@ -230,16 +262,19 @@ def preflight(args: argparse.Namespace, recipe: Recipe, objective_cls: type[Obje
     main_rank = rank_from_env() == 0  # rank 0 holds the RUNDIR lock for the job
     if main_rank:
         runlock.check(rundir)
-    schedule = schedule_of(recipe) if recipe.epochs is None else None  # else max_steps follows from the data
+    epochs = recipe.length_in_epochs()
+    schedule = schedule_of(recipe) if epochs is None else None  # else max_steps follows from the data
     global_batch, grad_accum = batch_geometry(recipe, world)
     bf16 = use_bf16(recipe.precision)
     ds_config = deepspeed_config(args.deepspeed, recipe, global_batch, grad_accum, world, bf16)
     start = start_point(rundir, recipe, args.deepspeed, ds_config)
-    source, source_state, resumed, config = start.source, start.source_state, start.resumed, start.config
+    source, source_state, config = start.source, start.source_state, start.config
+    check_resume(recipe, objective_cls, start)
     check_expert_parallel(recipe, args.deepspeed, ds_config, config, world)
-    objective = objective_cls.open(args.data, recipe, config, source_state, resumed)
-    if recipe.epochs is not None:
-        recipe.max_steps = max(1, math.ceil(recipe.epochs * objective.samples_per_epoch() / global_batch))
+    objective = objective_cls.open(args.data, recipe, config, source_state)
+    check_same_data(args.data, objective, start)
+    if epochs is not None:
+        recipe.max_steps = max(1, math.ceil(epochs * objective.samples_per_epoch() / global_batch))
         schedule = schedule_of(recipe)
     reshard = source is not None and (source_state.world_size, source_state.recipe.get(
         "expert_parallel_size", 1)) != (world, recipe.expert_parallel_size)

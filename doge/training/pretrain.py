@@ -11,10 +11,10 @@ from doge.training.checkpoint import TrainerState
 from doge.training.distributed import Dist
 from doge.training.lm_loss import causal_lm_loss
 from doge.training.objective import Batch, Objective
-from doge.training.recipe import ConfigError, Recipe
+from doge.training.recipe import ConfigError, PretrainRecipe
 
 
-def open_data(path: str, recipe: Recipe, vocab_size: int, split: str):
+def open_data(path: str, recipe: PretrainRecipe, vocab_size: int, split: str):
     try:
         data = open_pretrain_data(path, seed=recipe.seed, split=split, seq_len=recipe.seq_len)
     except (DataError, OSError) as err:
@@ -26,31 +26,18 @@ def open_data(path: str, recipe: Recipe, vocab_size: int, split: str):
     return data
 
 
-def check_same_data(path: str, data, source: TrainerState | None, resumed: bool) -> None:
-    """A resume must see the data it was trained on; a continuation at least its tokenizer."""
-    if source is None:
-        return
-    if resumed and source.data_fingerprint != data.fingerprint:
-        raise ConfigError(f"--data {path} is not the data this run was trained on (fingerprint "
-                          f"{data.fingerprint} != {source.data_fingerprint}): pass the original --data and "
-                          "--seq-len, or start a new --output with --init-from to continue on new data")
-    if source.tokenizer_fingerprint != data.tokenizer_fingerprint:
-        raise ConfigError(f"--data {path} uses tokenizer {data.tokenizer_fingerprint} but the checkpoint "
-                          f"was trained with {source.tokenizer_fingerprint}: prepare the data with the "
-                          "checkpoint's tokenizer (its tokenizer/ folder)")
-
-
 class PretrainObjective(Objective):
+    recipe_class = PretrainRecipe
+
     def __init__(self, train, val):
         self.train, self.val = train, val
         self.fingerprint, self.tokenizer_fingerprint = train.fingerprint, train.tokenizer_fingerprint
         self.tokenizer_dir = train.tokenizer_dir
 
     @classmethod
-    def open(cls, data: str, recipe: Recipe, model_config, source: TrainerState | None,
-             resumed: bool) -> "PretrainObjective":
+    def open(cls, data: str, recipe: PretrainRecipe, model_config, source: TrainerState | None
+             ) -> "PretrainObjective":
         train = open_data(data, recipe, model_config.vocab_size, "train")
-        check_same_data(data, train, source, resumed)
         val = open_data(data, recipe, model_config.vocab_size, "val") if recipe.eval_interval else None
         return cls(train, val)
 

@@ -1,11 +1,15 @@
-"""Training recipe: every hyper-parameter of a run, from a YAML file plus `--field value` overrides.
+"""Training recipes: every hyper-parameter of a run, from a YAML file plus `--field value` overrides.
 
-One dataclass is the single source of truth: its defaults, the YAML keys of `recipes/*.yaml`,
-the command-line flags (`--max-steps` for `max_steps`), their `--help` text and the allowed
-values (`choices`, `low`/`high` bounds in each field's metadata) are all derived from it, so a
-flag can never exist without a recipe field or a field without its check. Precedence:
-defaults < recipe YAML < command line. `load_recipe` checks every field and raises
-`ConfigError` naming the field and the fix.
+Each objective has its recipe class (`Objective.recipe_class`): `Recipe` holds the fields every
+objective shares, `PretrainRecipe` adds upcycling, `ChatRecipe` (SFT) the number of epochs,
+`DPORecipe` beta; each starts from defaults of its own (`@defaults`: post-training runs are short,
+at a small LR). A recipe class is the single source of truth for its objective: its defaults, the
+YAML keys of `recipes/*.yaml`, the command-line flags (`--max-steps` for `max_steps`), their
+`--help` text and the allowed values (`choices`, `low`/`high` bounds in each field's metadata) are
+all derived from it, so a flag can never exist without a recipe field or a field without its
+check, and a key of another objective (`--beta` for pre-training) is unknown. Precedence: defaults
+< recipe YAML < command line. `load` checks every field and raises `ConfigError` naming the field
+and the fix.
 """
 from __future__ import annotations
 
@@ -73,13 +77,6 @@ class Recipe:
                                                "a third more compute (e.g. doge-320m at seq 2048 on a 40 GB GPU)")
     expert_parallel_size: int = _f(1, "ranks that share each CDMoE layer's expert tables, each holding 1/E of the "
                                       "rows (E divides the world size; ZeRO-1/2 without offload)", low=1)
-    upcycle_experts: typing.Optional[int] = _f(None, "turn the dense start model (--model EXPORT or checkpoint, "
-                                                     "--init-from) into CDMoE with this many experts (a perfect "
-                                                     "square; published: 1024 for doge-20m, 4096 for 60m, 9216 "
-                                                     "for 160m): its MLPs become the shared experts, the routed "
-                                                     "output starts at zero, the optimizer starts fresh", low=1)
-    upcycle_top_k: typing.Optional[int] = _f(None, "experts per token of the upcycled model (published: 16, 32, "
-                                                   "48 for 20m, 60m, 160m); needs --upcycle-experts", low=1)
     aux_loss_weight: float = _f(0.001, "weight of the CDMoE load-balancing loss added to the training loss "
                                        "(CDMoE models only)", low=0.0)
     seed: int = _f(0, "seed for weights init and the data order", low=0)
@@ -98,15 +95,107 @@ class Recipe:
     resume: str = _f("auto", "auto: resume from OUTPUT/checkpoints/latest if present; never: refuse to "
                              "start when OUTPUT already holds a checkpoint", choices=RESUME_MODES)
     export: bool = _f(True, "write an HF export to OUTPUT/final at the end")
-    epochs: typing.Optional[float] = _f(None, "passes over the training data: sets max_steps from the data's size "
-                                              "(SFT/DPO data)", low=0.0)
-    beta: float = _f(0.1, "DPO: weight of the implicit KL penalty towards the frozen reference model (sigmoid "
-                          "loss)", low=1e-6)
+
+    #: what the recipe configures, for messages ("unknown recipe key(s) ... for pre-training")
+    label: typing.ClassVar[str] = "training"
+
+    def length_in_epochs(self) -> float | None:
+        """The run's length in passes over the training data when given that way (preflight then
+        sets max_steps from the data's size); None: max_steps as given."""
+        return None
+
+    def upcycle_to(self) -> tuple[int | None, int | None]:
+        """(experts, top-k) of the CDMoE model a dense start is turned into; (None, None): none."""
+        return None, None
+
+    @classmethod
+    def fields(cls) -> list[tuple[dataclasses.Field, object]]:
+        """(field, resolved type annotation) of every field, in declaration order."""
+        hints = typing.get_type_hints(cls)
+        return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        """One `--field-name VALUE` flag per field; unset flags stay None (= keep the recipe's)."""
+        group = parser.add_argument_group(f"{cls.label} recipe fields (override the --recipe YAML)")
+        for f, annotation in cls.fields():
+            if f.metadata["cli"]:
+                group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="V",
+                                   type=lambda raw, a=annotation: _parse_value(raw, a), help=_help(f))
+
+    @classmethod
+    def load(cls, path: str | None, overrides: dict) -> "Recipe":
+        """Defaults, then the YAML file at `path`, then the non-None `overrides` (from the CLI); checked."""
+        values = _read_yaml(path, cls) if path else {}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        checked = {}
+        for f, annotation in cls.fields():
+            if f.name in values:
+                checked[f.name] = _coerce(f.name, values[f.name], annotation)
+                _check_range(f, checked[f.name])
+        recipe = cls(**checked)
+        if recipe.model_overrides is None:
+            recipe.model_overrides = {}
+        return recipe
 
 
-def _fields():
-    hints = typing.get_type_hints(Recipe)
-    return [(f, hints[f.name]) for f in dataclasses.fields(Recipe)]
+def defaults(**values):
+    """Class decorator (under `@dataclass`): fields of `Recipe` with other defaults, their help and
+    checks unchanged, for an objective whose runs start elsewhere (post-training: short, small LR)."""
+    def redefine(cls):
+        for name, value in values.items():
+            base = Recipe.__dataclass_fields__[name]
+            cls.__annotations__[name] = base.type
+            setattr(cls, name, field(default=value, metadata=base.metadata))
+        return cls
+    return redefine
+
+
+@dataclass
+class PretrainRecipe(Recipe):
+    """Pre-training (doge/train.py): the shared fields' defaults, and upcycling a dense start."""
+
+    upcycle_experts: typing.Optional[int] = _f(None, "turn the dense start model (--model EXPORT or checkpoint, "
+                                                     "--init-from) into CDMoE with this many experts (a perfect "
+                                                     "square; published: 1024 for doge-20m, 4096 for 60m, 9216 "
+                                                     "for 160m): its MLPs become the shared experts, the routed "
+                                                     "output starts at zero, the optimizer starts fresh", low=1)
+    upcycle_top_k: typing.Optional[int] = _f(None, "experts per token of the upcycled model (published: 16, 32, "
+                                                   "48 for 20m, 60m, 160m); needs --upcycle-experts", low=1)
+
+    label: typing.ClassVar[str] = "pre-training"
+
+    def upcycle_to(self) -> tuple[int | None, int | None]:
+        return self.upcycle_experts, self.upcycle_top_k
+
+
+@dataclass
+@defaults(global_batch_tokens=262144, lr=8e-4, warmup_steps=100, decay_steps=100, save_interval=500, keep_last=2,
+          eval_interval=500, eval_samples=512)
+class ChatRecipe(Recipe):
+    """SFT on chat data (doge/sft.py), defaults of recipes/sft-doge-20m.yaml: two epochs of 2048-token
+    conversations, 0.25M tokens per step, LR 8e-4 with short warmup and decay."""
+
+    epochs: typing.Optional[float] = _f(2.0, "passes over the training data: sets max_steps from the data's size "
+                                             "(none: run --max-steps steps)", low=0.0)
+
+    label: typing.ClassVar[str] = "SFT"
+
+    def length_in_epochs(self) -> float | None:
+        return self.epochs
+
+
+@dataclass
+@defaults(seq_len=1024, micro_batch_size=4, global_batch_tokens=131072, lr=8e-5, warmup_steps=10,
+          decay_steps=10, weight_decay=0.0, save_interval=200, eval_interval=200, eval_samples=256)
+class DPORecipe(ChatRecipe):
+    """DPO on preference pairs (doge/dpo.py), defaults of recipes/dpo-doge-20m.yaml: two epochs of
+    1024-token pairs, 0.125M tokens per step, LR 8e-5, beta 0.1."""
+
+    beta: float = _f(0.1, "weight of the implicit KL penalty towards the frozen reference model (sigmoid loss)",
+                     low=1e-6)
+
+    label: typing.ClassVar[str] = "DPO"
 
 
 def _base_type(annotation):
@@ -132,15 +221,6 @@ def _help(f) -> str:
     meta = f.metadata
     allowed = f"; one of {', '.join(meta['choices'])}" if meta["choices"] else ""
     return f"{meta['help']}{allowed} (default {f.default})"
-
-
-def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--field-name VALUE` flag per recipe field; unset flags stay None (= keep the recipe's)."""
-    group = parser.add_argument_group("recipe fields (override the --recipe YAML)")
-    for f, annotation in _fields():
-        if f.metadata["cli"]:
-            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="V",
-                               type=lambda raw, a=annotation: _parse_value(raw, a), help=_help(f))
 
 
 def flag(name: str) -> str:
@@ -186,28 +266,19 @@ def _check_range(f, value) -> None:
         raise ConfigError(f"{flag(name)} = 0: a run needs a positive peak learning rate")
 
 
-def load_recipe(path: str | None, overrides: dict) -> Recipe:
-    """Defaults, then the YAML file at `path`, then the non-None `overrides` (from the CLI); checked."""
-    values = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                values = yaml.safe_load(fh) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"--recipe {path}: cannot read it ({err}); pass an existing YAML file") from err
-        if not isinstance(values, dict):
-            raise ConfigError(f"--recipe {path}: expected a mapping of recipe keys, e.g. `lr: 1.0e-3`")
-        known = {f.name for f, _ in _fields()}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"--recipe {path}: unknown recipe key(s) {unknown}; valid keys: {sorted(known)}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    checked = {}
-    for f, annotation in _fields():
-        if f.name in values:
-            checked[f.name] = _coerce(f.name, values[f.name], annotation)
-            _check_range(f, checked[f.name])
-    recipe = Recipe(**checked)
-    if recipe.model_overrides is None:
-        recipe.model_overrides = {}
-    return recipe
+
+def _read_yaml(path: str, cls: type[Recipe]) -> dict:
+    """The recipe file's keys, each a field of `cls` (a key of another objective's recipe is named)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            values = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"--recipe {path}: cannot read it ({err}); pass an existing YAML file") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"--recipe {path}: expected a mapping of recipe keys, e.g. `lr: 1.0e-3`")
+    known = {f.name for f, _ in cls.fields()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"--recipe {path}: unknown recipe key(s) {unknown} for {cls.label}; valid keys: "
+                          f"{sorted(known)}")
+    return values
