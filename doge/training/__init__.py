@@ -1,3 +1,3 @@
-"""The training core shared by every objective: recipe and its validation, DeepSpeed engine,
-loop, schedule, checkpoints, metrics. An objective (pre-training today) plugs into the loop
-through `doge.training.objective.Objective`."""
+"""The training core shared by every objective: recipes and their validation, DeepSpeed engine,
+loop, schedule, checkpoints, metrics, export. An objective (pre-training, SFT, DPO) plugs into the
+loop through `doge.training.objective.Objective` and declares its recipe class there."""

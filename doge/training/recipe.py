@@ -44,6 +44,9 @@ def _f(default, help: str, *, choices=None, low=None, high=None, cli=True):
 
 @dataclass
 class Recipe:
+    """The fields every objective shares, at pre-training's defaults; an objective's own recipe
+    class adds its fields and, through `@defaults`, its starting values."""
+
     model: str = _f("doge-tiny", f"model preset ({', '.join(PRESETS)}), or a folder to start from: an HF export "
                                  "(config.json + model.safetensors; its config and weights, a fresh optimizer, "
                                  "e.g. RUNDIR/final) or a checkpoint folder (the same as --init-from)")
