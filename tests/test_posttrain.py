@@ -177,6 +177,7 @@ def test_sft_two_ranks_loss_falls_and_the_export_loads_in_stock_transformers():
     from transformers import AutoModelForCausalLM
 
     lines = h.train_lines(sft_run())
+    assert sorted(lines) == list(range(1, 17))  # --epochs none: --max-steps 16, not the data's two epochs
     first = sum(lines[s]["loss"] for s in (1, 2, 3)) / 3
     last = sum(lines[s]["loss"] for s in (14, 15, 16)) / 3
     assert last < first - 0.3, (first, last)

@@ -9,15 +9,15 @@ import pytest
 import yaml
 
 from doge.training.ds_config import fill
-from doge.training.recipe import PretrainRecipe, Recipe
+from doge.training.recipe import ChatRecipe, PretrainRecipe, Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def parse(argv):
+def parse(argv, recipe_class=PretrainRecipe):
     parser = argparse.ArgumentParser()
-    PretrainRecipe.add_flags(parser)
-    return {k: v for k, v in vars(parser.parse_args(argv)).items()}
+    recipe_class.add_flags(parser)
+    return vars(parser.parse_args(argv))
 
 
 def test_cli_overrides_yaml_overrides_defaults():
@@ -26,6 +26,13 @@ def test_cli_overrides_yaml_overrides_defaults():
     assert (recipe.max_steps, recipe.lr, recipe.export, recipe.decay_start) == (12, 1e-3, False, None)
     assert recipe.warmup_steps == 800 and recipe.seq_len == 2048  # from the YAML
     assert recipe.max_bad_steps == PretrainRecipe().max_bad_steps  # default
+
+
+def test_none_on_the_command_line_clears_a_default():
+    """SFT runs two epochs unless told otherwise; `--epochs none` makes --max-steps the length."""
+    assert ChatRecipe.load(None, parse([], ChatRecipe)).length_in_epochs() == 2.0
+    recipe = ChatRecipe.load(None, parse(["--epochs", "none", "--max-steps", "16"], ChatRecipe))
+    assert (recipe.epochs, recipe.length_in_epochs(), recipe.max_steps) == (None, None, 16)
 
 
 @pytest.mark.parametrize("name, lr, warmup, stable, decay, tokens", [

@@ -119,18 +119,18 @@ class Recipe:
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        """One `--field-name VALUE` flag per field; unset flags stay None (= keep the recipe's)."""
+        """One `--field-name VALUE` flag per field; a flag not given leaves no attribute (= keep the
+        recipe's), so `--epochs none` can clear a field whose default is not None."""
         group = parser.add_argument_group(f"{cls.label} recipe fields (override the --recipe YAML)")
         for f, annotation in cls.fields():
             if f.metadata["cli"]:
-                group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="V",
+                group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS, metavar="V",
                                    type=lambda raw, a=annotation: _parse_value(raw, a), help=_help(f))
 
     @classmethod
     def load(cls, path: str | None, overrides: dict) -> "Recipe":
-        """Defaults, then the YAML file at `path`, then the non-None `overrides` (from the CLI); checked."""
-        values = _read_yaml(path, cls) if path else {}
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        """Defaults, then the YAML file at `path`, then `overrides` (the flags given); checked."""
+        values = {**(_read_yaml(path, cls) if path else {}), **overrides}
         checked = {}
         for f, annotation in cls.fields():
             if f.name in values:
