@@ -6,10 +6,8 @@ Each comparison runs the real trainer twice on 2 gloo ranks (ZeRO-2, fp32): eage
 with `DOGE_FAULT_STRICT_COMPILE=1` (any recompilation after step 1 ends the run). The compiled
 layers are built with `fullgraph=True`, so a graph break inside a layer would end it too.
 
-The runs use LR 1e-3: AdamW turns float-rounding differences into weight differences of the
-order of the LR on parameters whose gradients are near zero, and at the harness's 3e-3 this tiny
-run reaches a step (13) whose gradient norm moves 2.5x for 7e-5 of weight difference; on the same
-weights eager and compiled agree to 1e-6 there (the in-process test below holds them to that).
+The runs use the harness's recipe (LR 3e-3); why the sparse case compares step 1 only is
+explained above CASES.
 """
 import json
 import sys
