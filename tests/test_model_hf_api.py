@@ -1,6 +1,7 @@
 """Used through the transformers APIs, ours behaves as the stock `transformers.DogeForCausalLM`
 (same weights, float32): caches, defaults, output types, captured outputs, export, RoPE types."""
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -154,6 +155,45 @@ def test_rope_types_match_stock(pair, rope):
             assert (a - b).abs().max() <= 1e-6
     assert list(inspect.signature(ours.model.rotary_emb.forward).parameters) == \
         list(inspect.signature(stock.model.rotary_emb.forward).parameters)
+
+
+@pytest.mark.parametrize("rope", ["default", "dynamic", *ROPES])
+def test_rope_inv_freq_buffer_is_stocks(pair, rope, tmp_path):
+    """Tools (transformers' own test suite among them) read and scale `rotary_emb.inv_freq`: a
+    tensor buffer equal to stock's when built, when loaded by from_pretrained, and after a call
+    past max positions (where dynamic NTK and longrope change it)."""
+    params = {**ROPES.get(rope, {"rope_type": rope, "factor": 4.0}), "rope_theta": 10000.0}
+    ours, stock = pair(seed=40, rope_parameters=params, max_position_embeddings=32)
+    a, b = ours.model.rotary_emb, stock.model.rotary_emb
+    assert {"inv_freq", "original_inv_freq"} <= {name for name, _ in a.named_buffers()}
+    for name in ("inv_freq", "original_inv_freq"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-6, atol=0)
+    torch.testing.assert_close(a.inv_freq * 0.5, b.inv_freq * 0.5, rtol=1e-6, atol=0)
+    ours.save_pretrained(tmp_path)
+    loaded = DogeForCausalLM.from_pretrained(tmp_path).model.rotary_emb
+    torch.testing.assert_close(loaded.inv_freq, b.inv_freq, rtol=1e-6, atol=0)
+    x, long_positions = torch.zeros(1, 48, 8), torch.arange(48)[None]
+    with torch.no_grad():
+        a(x, long_positions), b(x, long_positions)
+    torch.testing.assert_close(a.inv_freq, b.inv_freq, rtol=1e-6, atol=0)
+
+
+def test_past_key_values_warns_where_stock_does(pair):
+    """Where transformers renamed the cache argument, the old name raises stock's FutureWarning
+    (recorded by `warnings`, which tools check); where it did not, neither model warns."""
+    ours, stock = pair(seed=41)
+    x = _ids(seed=41)
+    for pair_of_models in ((ours, stock), (ours.model, stock.model)):
+        caught = []
+        for model in pair_of_models:
+            with torch.no_grad():
+                past = model(x[:, :10], use_cache=True).past_key_values
+                with warnings.catch_warnings(record=True) as seen:
+                    warnings.simplefilter("always")
+                    model(x[:, 10:], past_key_values=past)
+            caught.append([str(w.message) for w in seen if issubclass(w.category, FutureWarning)
+                           and "`past_key_values` is deprecated" in str(w.message)])
+        assert bool(caught[0]) == bool(caught[1]), caught
 
 
 @pytest.mark.parametrize("path", WINDOWS)

@@ -16,6 +16,8 @@ default) or the materialised scores that can return attention weights ("eager").
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -158,10 +160,18 @@ def _key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask.bool()
 
 
-def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The cache under either name (`past_key_values` is its name in older transformers)."""
+# Newer transformers name the cache `cache` (in model outputs too) and deprecate `past_key_values`.
+CACHE_RENAMED = "cache" in MoeModelOutputWithPast.__dataclass_fields__
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None, caller: str) -> Cache | None:
+    """The cache under either name. Where transformers renamed it, the old name warns as stock's
+    models do (a FutureWarning, which tools and test suites check for; a log line is not seen)."""
     if cache is not None and past_key_values is not None:
         raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    if past_key_values is not None and CACHE_RENAMED:
+        warnings.warn(f"`past_key_values` is deprecated for `{caller}.forward`; pass the cache as `cache`",
+                      FutureWarning, stacklevel=3)
     return cache if cache is not None else past_key_values
 
 
@@ -183,7 +193,7 @@ class DogeModel(DogePreTrainedModel):
         """Final hidden states and the cache; `use_cache` defaults to the config's, as in stock."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        cache = _one_cache(cache, past_key_values)
+        cache = _one_cache(cache, past_key_values, type(self).__name__)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -238,7 +248,8 @@ class DogeForCausalLM(DogePreTrainedModel, GenerationMixin):
             output_router_logits = self.config.output_router_logits
         output_router_logits = output_router_logits and self.config.is_moe
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
+                             cache=_one_cache(cache, past_key_values, type(self).__name__),
+                             inputs_embeds=inputs_embeds,
                              use_cache=use_cache, output_router_logits=output_router_logits, **kwargs)
         h = outputs.last_hidden_state
         if logits_to_keep:

@@ -1,10 +1,12 @@
 """Rotary position embeddings: the default table and every scaling type stock `transformers` offers.
 
-Frequencies are computed on the fly (a few hundred numbers) instead of kept in a buffer, so the
-module holds no state: a model built on the meta device or loaded by `from_pretrained` needs no
-re-initialisation, and length-dependent types (dynamic NTK, longrope) depend only on the
-positions of the current call. The call signature is stock's: `rotary(x, position_ids)` gives
-(cos, sin) in x's dtype, scaled by the type's attention factor.
+Frequencies are computed on the fly in float32 (a few hundred numbers), so the tables never
+depend on a buffer that a bf16 cast has rounded, and length-dependent types (dynamic NTK,
+longrope) depend only on the positions of the current call. The module still exposes stock's
+`inv_freq` and `original_inv_freq` buffers (tools and transformers' own tests read them): they
+hold the frequencies of the last call, as stock's do after its in-place updates. The call
+signature is stock's: `rotary(x, position_ids)` gives (cos, sin) in x's dtype, scaled by the
+type's attention factor.
 """
 from __future__ import annotations
 
@@ -33,11 +35,22 @@ class DogeRotaryEmbedding(nn.Module):
         self.dim = head_dim_of(config)
         self.max_positions = config.max_position_embeddings
         self.original_max_positions = params.get("original_max_position_embeddings", self.max_positions)
-        self.attention_scaling = 1.0
-        if self.rope_type != "default":
-            _, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config, "cpu")
+        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else \
+            ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init_fn(config)  # meta under from_pretrained: refilled by _init_weights
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
-    def inv_freq(self, position_ids: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def compute_default_rope_parameters(config, device=None, seq_len=None, **kwargs) -> tuple[torch.Tensor, float]:
+        """The unscaled frequencies and attention factor 1, under the name transformers'
+        `_init_weights` looks up to refill the buffers of a model loaded on the meta device."""
+        params = config.rope_parameters or {"rope_theta": 10000.0}
+        dim = head_dim_of(config)
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+        return 1.0 / (float(params["rope_theta"]) ** exponents), 1.0
+
+    def frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Inverse frequencies. Dynamic NTK grows the base once the positions pass max positions
         (computed from this call's positions); longrope switches to its long factors past the
         original max positions, as stock does."""
@@ -56,7 +69,10 @@ class DogeRotaryEmbedding(nn.Module):
         return ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device, seq_len=seq_len)[0].float()
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-        freqs = position_ids[..., None].float() * self.inv_freq(position_ids)
+        inv_freq = self.frequencies(position_ids)
+        if self.rope_type in ("dynamic", "longrope"):  # mirror stock's in-place update of its buffer
+            self.inv_freq.copy_(inv_freq)
+        freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
