@@ -2,43 +2,127 @@
 
 The folder is `DOGE_EVAL_DATA` (set by `python -m doge.evaluate --data`), else `shared/data/eval`
 beside the repository. File formats: ARC, PIQA and OpenBookQA as `{query, choices, gold}`,
-WinoGrande as `{context_options, continuation, gold}` (partial scoring), MMLU as headerless CSV
-`question,A,B,C,D,answer` per subject with the five shots in `dev/`. lm-eval calls `load` through
-each task's `custom_dataset`, with the task's `dataset_kwargs`.
+WinoGrande as `{context_options, continuation, gold}` (partial scoring; the task's
+`dataset_kwargs` say `format: partial`), MMLU as headerless CSV `question,A,B,C,D,answer` per
+subject with the five shots in `dev/`. lm-eval calls `load` through each task's `custom_dataset`,
+with the task's `dataset_kwargs`.
+
+Every row is checked as it is read (`read_jsonl`, `read_mmlu`, which `doge.evaluate` also calls
+before it loads anything): a row that is not a JSON object, lacks a field, or whose answer is no
+index into its choices (no letter A-D for MMLU) is a `DataError` naming the file, the line and the
+field, never a row scored without an answer. Blank lines are skipped.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
 
-import datasets
+from doge.data.errors import DataError
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "eval"
+# JSONL row formats: the fields each row must have (the answer last)
+FORMATS = {"choice": ("query", "choices", "gold"), "partial": ("context_options", "continuation", "gold")}
+MMLU_COLUMNS = "question,A,B,C,D,answer"
+FIX = "set --data (or DOGE_EVAL_DATA) to the eval folder"
 
 
 def data_dir() -> Path:
     return Path(os.environ.get("DOGE_EVAL_DATA") or DEFAULT_DATA)
 
 
-def load(file: str | None = None, subject: str | None = None, **_metadata) -> datasets.DatasetDict:
+def mmlu_path(root: Path, subject: str, split: str) -> Path:
+    return root / "mmlu" / split / f"{subject}_{split}.csv"
+
+
+def load(file: str | None = None, subject: str | None = None, format: str = "choice", **_metadata):
     """A `test` split from one JSONL file, or MMLU's `test` and `dev` splits for one subject."""
+    import datasets
+
     root = data_dir()
     if subject is not None:
-        return datasets.DatasetDict({split: _mmlu(root / "mmlu" / split / f"{subject}_{split}.csv")
+        return datasets.DatasetDict({split: datasets.Dataset.from_list(read_mmlu(mmlu_path(root, subject, split)))
                                      for split in ("test", "dev")})
-    path = root / file
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no evaluation file; set --data (or DOGE_EVAL_DATA) to the eval folder")
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(read_jsonl(root / file, format))})
 
 
-def _mmlu(path: Path) -> datasets.Dataset:
+def _lines(path: Path, what: str) -> list[str]:
+    """The file's lines; DataError for a missing file or a line that is not UTF-8."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no MMLU file; set --data (or DOGE_EVAL_DATA) to the eval folder")
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = [dict(question=r[0], choices=r[1:5], answer="ABCD".index(r[5].strip())) for r in csv.reader(f)]
-    return datasets.Dataset.from_list(rows)
+        raise DataError(f"{path}: no {what} file; {FIX}")
+    lines = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} line {number}: not UTF-8 text ({err.reason}); "
+                                "save the file as UTF-8") from None
+    return lines
+
+
+def read_jsonl(path: Path, format: str = "choice") -> list[dict]:
+    """The rows of a JSONL task file, each checked to have FORMATS[format]'s fields, the choices a
+    list of at least two texts and `gold` an index into them."""
+    fields = FORMATS[format]
+    choices_field, text_field = fields[:2] if format == "partial" else fields[1::-1]
+    rows = []
+    for number, line in enumerate(_lines(Path(path), "evaluation"), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not JSON ({err.msg} at column {err.colno}); fix or delete the line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a JSON object with {', '.join(fields)} expected, got "
+                            f"{type(row).__name__}; fix or delete the line")
+        for field in fields:
+            if field not in row or row[field] is None:
+                why = " (the answer; a row without one cannot be scored)" if field == "gold" else ""
+                raise DataError(f"{where}: no '{field}' field{why}; every row needs {', '.join(fields)}: "
+                                "add it or delete the row")
+        options = row[choices_field]
+        if not (isinstance(options, list) and len(options) >= 2 and all(isinstance(o, str) for o in options)):
+            raise DataError(f"{where}: '{choices_field}' must be a list of at least two texts; fix the row")
+        if not isinstance(row[text_field], str):
+            raise DataError(f"{where}: '{text_field}' must be a text; fix the row")
+        gold = row["gold"]
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(options):
+            raise DataError(f"{where}: 'gold' (the answer) is {gold!r}, not an index 0..{len(options) - 1} "
+                            f"into its {len(options)} '{choices_field}'; fix the row")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows; {FIX}, or fill the file")
+    return rows
+
+
+def read_mmlu(path: Path) -> list[dict]:
+    """One MMLU subject split: headerless CSV rows `question,A,B,C,D,answer`, the answer a letter."""
+    rows = []
+    reader = csv.reader(io.StringIO("".join(_lines(Path(path), "MMLU")), newline=""))
+    number = 1  # the line a record starts on (a quoted field may span lines)
+    while True:
+        where = f"{path} line {number}"
+        try:
+            r = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            raise DataError(f"{where}: not CSV ({err}); fix the row") from None
+        number = reader.line_num + 1
+        if not r:
+            continue
+        if len(r) != 6:
+            missing = " (no answer column)" if len(r) == 5 else ""
+            raise DataError(f"{where}: {len(r)} fields{missing}, expected 6 ({MMLU_COLUMNS}); fix the row")
+        answer = r[5].strip()
+        if answer not in ("A", "B", "C", "D"):
+            raise DataError(f"{where}: answer {r[5]!r} is not one of A, B, C, D; fix the row")
+        rows.append(dict(question=r[0], choices=r[1:5], answer="ABCD".index(answer)))
+    if not rows:
+        raise DataError(f"{path}: no rows; {FIX}, or fill the file")
+    return rows
