@@ -11,15 +11,26 @@ given by --fields PROMPT,ANSWER. DPO records: ultrafeedback_binarized (`chosen`/
 lists), `prompt`/`chosen`/`rejected` strings, or HH-RLHF transcripts. Inputs are JSON Lines
 (optionally .gz), parquet, or hf:NAME[:CONFIG[:SPLIT]]. The loss mask covers the assistant turns
 and their end-of-turn token; one conversation per row (no packing), padded to --seq-len; longer
-ones are truncated (dropped if no assistant token is left), and records whose contents hold
-special-token strings are skipped; every count is in manifest.json.
+ones are truncated (dropped if no assistant token is left). Records the chat template rejects,
+records whose contents hold special-token strings, and DPO pairs whose chosen and rejected answers
+are identical or empty (no DPO gradient) are skipped. The counts are printed per source (with a
+warning when most records were dropped or truncated) and kept in manifest.json with a few
+`FILE line N` samples of each skip. Bad options or records: one `error: ...` line, exit 2, and
+nothing written.
 """
 import argparse
 import sys
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad or missing flag: one `error: ...` line and exit 2 (not argparse's usage block)."""
+        print(f"error: {message}; see python data_tools/prepare_chat.py --help", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kind", choices=("sft", "dpo"), required=True, help="chat conversations or preference pairs")
     p.add_argument("--input", nargs="+", required=True, metavar="SRC", help="JSONL/parquet files, folders, globs "
                                                                             "or hf:NAME[:CONFIG[:SPLIT]]")
@@ -27,8 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, metavar="DATADIR", help="folder to create")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per row (default 2048)")
     p.add_argument("--fields", metavar="PROMPT,ANSWER", help="SFT: two string fields as a user/assistant pair")
-    p.add_argument("--val-fraction", default="0.01", help="fraction of examples held out (default 0.01)")
-    p.add_argument("--val-rows", type=int, default=1000, help="at most this many held-out examples (default 1000)")
+    p.add_argument("--val-fraction", default="0.01", help="fraction of examples held out, 0 <= f < 1 (default 0.01)")
+    p.add_argument("--val-rows", type=int, default=1000, help="at most this many held-out examples, >= 0 "
+                                                              "(default 1000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing chat DATADIR")
     return p.parse_args(argv)
 
@@ -38,10 +50,7 @@ def main(argv=None) -> int:
     from doge.data.chat_prepare import ChatPrepareConfig, prepare_chat
     from doge.data.errors import run_tool  # after parsing: --help answers at once
 
-    fields = tuple(args.fields.split(",")) if args.fields else ()
-    if fields and len(fields) != 2:
-        print("error: --fields takes two field names, PROMPT,ANSWER", file=sys.stderr)
-        return 2
+    fields = tuple(args.fields.split(",")) if args.fields is not None else ()
     cfg = ChatPrepareConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output, kind=args.kind,
                             seq_len=args.seq_len, fields=fields, val_fraction=args.val_fraction,
                             val_rows=args.val_rows, overwrite=args.overwrite, command=["python"] + sys.argv)

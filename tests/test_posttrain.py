@@ -243,11 +243,15 @@ def objective_of(recipe_name: str):
 @pytest.mark.parametrize("name", ["sft-doge-20m", "dpo-doge-20m"])
 def test_post_training_defaults_are_the_published_20m_recipes(name):
     """Each objective starts from its own defaults: `doge/sft.py` / `doge/dpo.py` without --recipe run
-    the published Doge-20M-Instruct recipe (precision stays auto: bf16 on GPUs, fp32 on CPU)."""
+    the published Doge-20M-Instruct recipe (precision stays auto: bf16 on GPUs, fp32 on CPU; seq_len is
+    the chat data's, whose rows are padded to the length they were prepared with, and max_steps follows
+    from the two epochs)."""
     published = yaml.safe_load((h.REPO / "recipes" / f"{name}.yaml").read_text())
-    defaults = vars(objective_of(name).recipe_class())
-    assert {k: defaults[k] for k in published if k != "precision"} == {
-        k: v for k, v in published.items() if k != "precision"}
+    recipe = objective_of(name).recipe_class()
+    defaults = vars(recipe)
+    assert {k: defaults[k] for k in published if k not in ("precision", "seq_len")} == {
+        k: v for k, v in published.items() if k not in ("precision", "seq_len")}
+    assert (recipe.seq_len, recipe.max_steps, recipe.epochs) == (None, None, 2)
 
 
 def test_a_recipe_key_of_another_objective_is_unknown(tmp_path):
@@ -275,7 +279,7 @@ def test_dpo_resume_with_another_beta_is_refused_before_the_process_group(tmp_pa
     reference.mkdir()
     for name in ("config.json", "model.safetensors"):  # an export in name only: the refusal reads neither
         (reference / name).touch()
-    recipe = objective_of("dpo").recipe_class(model=str(reference), beta=0.1)
+    recipe = objective_of("dpo").recipe_class(model=str(reference), beta=0.1, seq_len=CHAT_LEN)
     state = TrainerState(step=8, world_size=2, recipe=asdict(recipe),
                          model_config=DogeConfig.from_preset("doge-tiny").to_dict())
     checkpoint = rundir / "checkpoints" / "step-00000008"

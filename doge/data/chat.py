@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,14 @@ from doge.data.tokenizer_copy import check_tokenizer_copy
 
 FORMAT, VERSION = "doge-chat-shards", 1
 KINDS = ("sft", "dpo")
+TOOL = "data_tools/prepare_chat.py"
+_PRETRAIN_TOOL = re.compile(r"(?<![\w/])(?:data_tools/)?prepare\.py")
+
+
+def chat_fix(err: DataError) -> DataError:
+    """The shard and tokenizer-copy checks are shared with pre-training DATADIRs, whose messages
+    name data_tools/prepare.py as the fix; a chat DATADIR is rebuilt by data_tools/prepare_chat.py."""
+    return DataError(_PRETRAIN_TOOL.sub(TOOL, str(err)))
 
 
 def read_chat_manifest(datadir: Path) -> dict:
@@ -31,11 +40,11 @@ def read_chat_manifest(datadir: Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: no readable manifest ({exc}); prepare the data with data_tools/prepare_chat.py") \
+        raise DataError(f"{path}: no readable manifest ({exc}); prepare the data with {TOOL}") \
             from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise DataError(f"{path}: not a {FORMAT} v{VERSION} manifest (a pre-training DATADIR?); prepare the data "
-                        "with data_tools/prepare_chat.py")
+                        f"with {TOOL}")
     return manifest
 
 
@@ -60,8 +69,11 @@ class ChatData:
 
     def _open(self, entry: dict, dtype: str) -> np.ndarray:
         path = self.datadir / entry["file"]
-        rows, content = shards.open_shard(path, entry, self.seq_len, dtype)
-        shards.verify_shard(path, entry, content)
+        try:
+            rows, content = shards.open_shard(path, entry, self.seq_len, dtype)
+            shards.verify_shard(path, entry, content)
+        except DataError as err:
+            raise chat_fix(err) from err
         return rows
 
     def __len__(self) -> int:
@@ -92,6 +104,9 @@ def open_chat_data(path, kind: str, split: str = "train", seed: int = 0) -> Chat
     manifest = read_chat_manifest(datadir)
     if manifest["kind"] != kind:
         raise DataError(f"{datadir}: holds {manifest['kind']} data, this run needs {kind}; prepare it with "
-                        f"data_tools/prepare_chat.py --kind {kind}")
-    check_tokenizer_copy(datadir, manifest)
+                        f"{TOOL} --kind {kind}")
+    try:
+        check_tokenizer_copy(datadir, manifest)
+    except DataError as err:
+        raise chat_fix(err) from err
     return ChatData(datadir, manifest, split, seed)

@@ -10,12 +10,22 @@ the ids a chat model sees at generation time are the ids it was trained on. The 
 exactly the assistant contents and their end-of-turn token (the last special token of the turn:
 `<|im_end|>` in ChatML), 0 elsewhere (system/user turns, headers, the newline after the turn).
 
-Bad input follows the pre-training rules: a one-line DataError naming the file, record and fix.
+Bad input follows the pre-training rules: a one-line DataError naming the file, record and fix,
+and the options are checked (`check_config`) before any record is read. Records that are fine as
+data but cannot train are skipped and counted per source in manifest.json (`SKIPS`), each count
+with a few `FILE line N` samples: those the chat template rejects (e.g. a conversation that opens
+with the assistant, under a template that insists on user/assistant turns), those holding
+special-token strings, those whose assistant turns lie past --seq-len, DPO pairs that do not share
+their prompt, and DPO pairs that teach nothing (chosen and rejected answers identical, or either
+empty: their DPO gradient is zero).
 """
 from __future__ import annotations
 
 import re
+import shutil
+import sys
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +38,21 @@ from doge.data.errors import DataError, from_os_error
 from doge.data.tokenizer import load_tokenizer, pad_id, special_pattern, tokenizer_fingerprint
 from doge.data.tokenizer_copy import file_hashes
 
-COUNTS = ("records", "kept", "truncated", "too_long", "no_assistant", "mismatched", "special_token_strings")
+#: why a record is skipped (each counted per source in manifest.json, with samples)
+SKIPS = ("too_long", "no_assistant", "mismatched", "special_token_strings", "template_rejected", "identical_pair",
+         "empty_answer")
+COUNTS = ("records", "kept", "truncated") + SKIPS
+#: what to do when most of a source's records are skipped for one reason
+SKIP_FIXES = {"too_long": "raise --seq-len", "no_assistant": "check --fields (which field is the answer)",
+              "mismatched": "check that each pair's chosen and rejected share their prompt",
+              "special_token_strings": "clean the contents of special-token strings such as <|im_end|>",
+              "template_rejected": "fix those records (e.g. a conversation must open with a user turn) or use a "
+                                   "tokenizer whose chat template accepts them",
+              "identical_pair": "check the pairs: chosen and rejected answers are the same",
+              "empty_answer": "check the pairs: an answer is empty"}
+SAMPLES = 3  # `where` of the first few records of each skip reason, per source
+MIN_SEQ_LEN = 16  # a chat row holds at least the template's headers and one answer token
+MAX_SEQ_LEN = 1 << 20  # rows are padded to --seq-len: beyond this a handful of rows fills memory
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ANSWER = "\n\nAssistant:"
 
@@ -45,6 +69,38 @@ class ChatPrepareConfig:
     val_rows: int = 1000
     overwrite: bool = False
     command: list = field(default_factory=list)
+
+
+def check_config(cfg: ChatPrepareConfig) -> Fraction:
+    """Every option, before any record is read or folder made; returns --val-fraction as a Fraction."""
+    if cfg.kind not in KINDS:
+        raise DataError(f"--kind {cfg.kind}: choose one of {', '.join(KINDS)}")
+    if not cfg.inputs:
+        raise DataError("--input: no source given; pass JSONL/parquet files, folders, globs or hf:NAME")
+    if isinstance(cfg.seq_len, bool) or not isinstance(cfg.seq_len, int) or cfg.seq_len < MIN_SEQ_LEN:
+        raise DataError(f"--seq-len {cfg.seq_len}: too small for a chat row (template headers plus an answer); "
+                        f"pass at least {MIN_SEQ_LEN}, e.g. 2048")
+    if cfg.seq_len > MAX_SEQ_LEN:
+        raise DataError(f"--seq-len {cfg.seq_len}: every row is padded to it, so this would not fit in memory; "
+                        f"pass at most {MAX_SEQ_LEN}, e.g. 2048")
+    if cfg.fields and (len(cfg.fields) != 2 or not all(f.strip() for f in cfg.fields)):
+        raise DataError(f"--fields {','.join(cfg.fields)}: takes two field names; pass --fields PROMPT,ANSWER "
+                        "(e.g. question,answer)")
+    if cfg.fields and cfg.kind != "sft":
+        raise DataError("--fields is for --kind sft (question/answer records); preference records bring their "
+                        "own prompt/chosen/rejected fields: drop --fields")
+    try:
+        fraction = Fraction(str(cfg.val_fraction))
+    except (ValueError, ZeroDivisionError):
+        raise DataError(f"--val-fraction {cfg.val_fraction}: not a number; pass a fraction 0 <= f < 1, "
+                        "e.g. 0.01 (0: no held-out examples)") from None
+    if not 0 <= fraction < 1:
+        raise DataError(f"--val-fraction {cfg.val_fraction}: must be 0 <= f < 1 (held-out share; 1 or more would "
+                        "leave no training example); pass e.g. 0.01, or 0 for no held-out examples")
+    if isinstance(cfg.val_rows, bool) or not isinstance(cfg.val_rows, int) or cfg.val_rows < 0:
+        raise DataError(f"--val-rows {cfg.val_rows}: must be a whole number >= 0 (the most held-out examples); "
+                        "pass e.g. 1000, or 0 for none")
+    return fraction
 
 
 # ----------------------------------------------------------------------------- reading records
@@ -134,6 +190,10 @@ def preference(record, where: str) -> tuple[list, str, str] | None:
 
 
 # ----------------------------------------------------------------------------- rendering
+class TemplateRejected(Exception):
+    """The chat template refused a record's messages (a skip, counted as `template_rejected`)."""
+
+
 class Renderer:
     """Messages -> (ids, mask) with the tokenizer's chat template (see the module docstring)."""
 
@@ -149,7 +209,14 @@ class Renderer:
         return any(self.special.search(m["content"]) for m in messages)
 
     def _render(self, messages: list, generation: bool) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        except (TemplateError, ValueError) as exc:
+            # the template's own checks (raise_exception: roles must alternate, ...) and transformers'
+            # (no empty conversation: an assistant turn with nothing before it has no header to render)
+            raise TemplateRejected(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
 
     def _ids(self, text: str) -> list:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
@@ -183,20 +250,28 @@ class Renderer:
         return [1] * stop + [0] * (len(turn) - stop)
 
 
-def _row(ids: list, mask: list, seq_len: int, pad_id: int, counts: dict) -> tuple | None:
-    """Truncated and padded to seq_len; None when no target token is left."""
-    if len(ids) > seq_len:
-        counts["truncated"] += 1
-        ids, mask = ids[:seq_len], mask[:seq_len]
+def _row(ids: list, mask: list, seq_len: int, pad_id: int) -> tuple | None:
+    """(ids, mask, truncated) truncated and padded to seq_len; None when no target token is left."""
+    truncated = len(ids) > seq_len
+    ids, mask = ids[:seq_len], mask[:seq_len]
     if not any(mask):
         return None
     pad = seq_len - len(ids)
-    return ids + [pad_id] * pad, mask + [0] * pad
+    return ids + [pad_id] * pad, mask + [0] * pad, truncated
+
+
+def _skip(counts: dict, samples: dict, reason: str, where: str, detail: str = "") -> None:
+    counts[reason] += 1
+    seen = samples.setdefault(reason, [])
+    if len(seen) < SAMPLES:
+        seen.append(f"{where}: {detail}" if detail else where)
 
 
 def encode_example(renderer: Renderer, record, where: str, cfg: ChatPrepareConfig, pad_id: int,
-                   counts: dict) -> list | None:
-    """One record -> its rows (one for SFT, chosen + rejected for DPO), or None if it is skipped."""
+                   counts: dict, samples: dict | None = None) -> list | None:
+    """One record -> its rows (one for SFT, chosen + rejected for DPO), or None if it is skipped
+    (counted in `counts` under its reason, and its `where` kept in `samples` for the first few)."""
+    samples = {} if samples is None else samples
     if cfg.kind == "sft":
         messages = conversation(record, where, cfg.fields)
         texts = [messages]
@@ -204,33 +279,48 @@ def encode_example(renderer: Renderer, record, where: str, cfg: ChatPrepareConfi
     else:
         pair = preference(record, where)
         if pair is None:
-            counts["mismatched"] += 1
-            return None
+            return _skip(counts, samples, "mismatched", where)
         prompt, chosen, rejected = pair
+        if not chosen.strip() or not rejected.strip():
+            return _skip(counts, samples, "empty_answer", where)
+        if chosen.strip() == rejected.strip():
+            return _skip(counts, samples, "identical_pair", where)
         texts = [prompt + [{"role": "assistant", "content": answer}] for answer in (chosen, rejected)]
         train = [{len(prompt)}] * 2
     if not train[0]:
-        counts["no_assistant"] += 1
-        return None
+        return _skip(counts, samples, "no_assistant", where)
     if any(renderer.has_special_strings(m) for m in texts):
-        counts["special_token_strings"] += 1
-        return None
-    rows = [_row(*renderer.encode(m, t), cfg.seq_len, pad_id, counts) for m, t in zip(texts, train)]
+        return _skip(counts, samples, "special_token_strings", where)
+    try:
+        encoded = [renderer.encode(m, t) for m, t in zip(texts, train)]
+    except TemplateRejected as exc:
+        return _skip(counts, samples, "template_rejected", where, str(exc))
+    rows = [_row(ids, mask, cfg.seq_len, pad_id) for ids, mask in encoded]
     if any(r is None for r in rows):
-        counts["too_long"] += 1
-        return None
-    return rows
+        return _skip(counts, samples, "too_long", where)
+    if cfg.kind == "dpo" and rows[0][0] == rows[1][0]:  # the answers differ only past --seq-len
+        return _skip(counts, samples, "identical_pair", where, f"identical within --seq-len {cfg.seq_len}")
+    counts["truncated"] += any(r[2] for r in rows)
+    return [r[:2] for r in rows]
 
 
 # ----------------------------------------------------------------------------- writing
-def prepare_chat(cfg: ChatPrepareConfig) -> Path:
+def print_report(line: str) -> None:
+    """Counts to stdout, `warning:` lines to stderr."""
+    print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
+
+
+def prepare_chat(cfg: ChatPrepareConfig, report=print_report) -> Path:
     """Read, render and write a chat DATADIR (single pass, deterministic: the bytes depend only on
-    the inputs, the tokenizer and the options); return it."""
+    the inputs, the tokenizer and the options); return it. `report` gets the per-source counts and
+    warnings (lines starting `warning:`) once the DATADIR is written."""
     out = Path(cfg.output)
-    if cfg.kind not in KINDS:
-        raise DataError(f"--kind {cfg.kind}: choose one of {', '.join(KINDS)}")
-    if cfg.seq_len < 2:
-        raise DataError(f"--seq-len {cfg.seq_len}: must be at least 2")
+    check_config(cfg)
+    for spec in cfg.inputs:  # a missing path or a plain-text file is known before the tokenizer loads
+        for path in [] if spec.startswith("hf:") else resolve_files(spec):
+            if kind_of(path)[0] not in ("jsonl", "parquet"):
+                raise DataError(f"{path}: chat data must be JSON Lines or parquet records, not plain text; "
+                                "pass the .jsonl/.parquet files")
     if out.exists():
         _check_replaceable(out, cfg.overwrite)
     tok = load_tokenizer(cfg.tokenizer)
@@ -238,28 +328,68 @@ def prepare_chat(cfg: ChatPrepareConfig) -> Path:
     pad = pad_id(tok)
     rows, sources = [], []
     for spec in cfg.inputs:
-        counts = dict.fromkeys(COUNTS, 0)
+        counts, samples = dict.fromkeys(COUNTS, 0), {}
         for where, record in read_records(spec):
             counts["records"] += 1
-            example = encode_example(renderer, record, where, cfg, pad, counts)
+            example = encode_example(renderer, record, where, cfg, pad, counts, samples)
             if example is not None:
                 counts["kept"] += 1
                 rows.append(example)
         if not counts["kept"]:
-            raise DataError(f"{spec}: no usable {cfg.kind} example among {counts['records']} records ({counts}); "
-                            "check the file's shape, --fields or --seq-len")
-        sources.append({"spec": spec, **counts})
+            first = next(iter(samples.values()), [""])[0]
+            raise DataError(f"{spec}: no usable {cfg.kind} example among {counts['records']} records "
+                            f"({summary(counts)}{'; e.g. ' + first if first else ''}); check the file's shape, "
+                            "--fields, --seq-len or the tokenizer's chat template")
+        sources.append({"spec": spec, **counts, "samples": samples})
     try:
-        return _write(cfg, tok, rows, sources)
+        written = _write(cfg, tok, rows, sources)
     except OSError as exc:
         raise from_os_error(exc, out) from exc
+    for line in report_lines(cfg, sources):
+        report(line)
+    return written
+
+
+def summary(counts: dict) -> str:
+    """`90 records: 85 kept (3 truncated), 4 too_long, 1 special_token_strings` (zero counts left out)."""
+    skipped = ", ".join(f"{counts[k]} {k}" for k in SKIPS if counts[k])
+    return (f"{counts['records']} records: {counts['kept']} kept ({counts['truncated']} truncated)"
+            + (f", skipped {skipped}" if skipped else ""))
+
+
+def report_lines(cfg: ChatPrepareConfig, sources: list) -> list[str]:
+    """The console's account of each source, and a warning where most examples were lost or cut."""
+    lines = []
+    for source in sources:
+        lines.append(f"{source['spec']}: {summary(source)}")
+        for reason, where in source["samples"].items():
+            lines.append(f"  {reason}: e.g. {where[0]}")
+        records, kept = source["records"], source["kept"]
+        if kept * 2 < records:
+            worst = max(SKIPS, key=lambda k: source[k])
+            lines.append(f"warning: {source['spec']}: only {kept} of {records} records kept, most skipped as {worst} "
+                         f"(e.g. {source['samples'][worst][0]}): {SKIP_FIXES[worst]}")
+        if source["truncated"] * 2 > kept:
+            lines.append(f"warning: {source['spec']}: {source['truncated']} of {kept} kept examples were cut at "
+                         f"--seq-len {cfg.seq_len} (their later turns carry no loss); raise --seq-len to keep them "
+                         "whole")
+    return lines
 
 
 def _write(cfg: ChatPrepareConfig, tok, rows: list, sources: list) -> Path:
     out = Path(cfg.output)
     work = atomic.fresh_staging_dir(out)
+    try:
+        return _fill(cfg, tok, rows, sources, work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # a failed write leaves no staging folder behind
+        raise
+
+
+def _fill(cfg: ChatPrepareConfig, tok, rows: list, sources: list, work: Path) -> Path:
+    out = Path(cfg.output)
     tok.save_pretrained(work / "tokenizer")
-    held = shards.val_mask(0, len(rows), cfg.val_fraction, cfg.val_rows)
+    held = shards.val_mask(0, len(rows), str(Fraction(str(cfg.val_fraction))), cfg.val_rows)
     dtype = np.dtype(shards.dtype_for_vocab(len(tok)))
     splits = {}
     for split, chosen in (("train", ~held), ("val", held)):

@@ -60,6 +60,12 @@ class Objective(ABC):
     variable_length: bool = False
 
     @classmethod
+    def resolve(cls, data: str, recipe: Recipe, rundir: Path) -> None:
+        """Fill the recipe fields that follow from the data or the model rather than from flags
+        (a chat run's seq_len, DPO's reference fingerprint), before any other check; raise
+        `ConfigError` naming the fix. Cheap: it runs on every rank before every start."""
+
+    @classmethod
     @abstractmethod
     def open(cls, data: str, recipe: Recipe, model_config, source: TrainerState | None) -> "Objective":
         """Open and check the data against the model and the start (`source`: the state of the

@@ -11,10 +11,16 @@ SFT: next-token cross-entropy on the assistant tokens only (the data's loss mask
 a micro-batch's target tokens. DPO (sigmoid loss, Rafailov et al.): -log sigmoid(beta x ((log
 pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)))) with sequence log-probs
 summed over the response tokens; the reference is the `--model` export, frozen, run beside the
-engine on the same device.
+engine on the same device. What defines the DPO objective is recorded in the run (beta, and the
+sha256 of the reference's weights in `reference_sha256`), and a resume that changes either is
+refused (`doge.training.preflight.check_resume`).
+
+A chat run's row length is its data's (`resolve`): rows are padded to the --seq-len they were
+prepared with, so no other length could be trained on.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from doge.data import DataError
-from doge.data.chat import ChatData, open_chat_data
+from doge.data.chat import TOOL, ChatData, open_chat_data, read_chat_manifest
 from doge.data.tokenizer import tokenizer_fingerprint
 from doge.model.configuration import PRESETS
+from doge.training import checkpoint as ckpt
 from doge.training.checkpoint import TrainerState
 from doge.training.distributed import Dist
 from doge.training.lm_loss import causal_lm_loss
@@ -39,10 +46,11 @@ def open_split(data: str, kind: str, split: str, recipe: ChatRecipe, vocab_size:
         raise ConfigError(f"--data {data}: {err}") from err
     if chat.seq_len != recipe.seq_len:
         raise ConfigError(f"--data {data}: rows of {chat.seq_len} tokens but --seq-len {recipe.seq_len}: pass "
-                          f"--seq-len {chat.seq_len} or prepare the data with --seq-len {recipe.seq_len}")
+                          f"--seq-len {chat.seq_len} (or leave it out: a chat run takes the data's), or prepare the "
+                          f"data with {TOOL} --seq-len {recipe.seq_len}")
     if chat.vocab_size > vocab_size:
         raise ConfigError(f"--data {data}: tokenizer has {chat.vocab_size} tokens but the model's vocab_size is "
-                          f"{vocab_size}: prepare the data with the model's tokenizer")
+                          f"{vocab_size}: prepare the data with {TOOL} --tokenizer set to the model's tokenizer")
     return chat
 
 
@@ -54,7 +62,7 @@ def check_model_tokenizer(data: str, chat: ChatData, recipe: ChatRecipe) -> None
     found = tokenizer_fingerprint(folder)
     if found != chat.tokenizer_fingerprint:
         raise ConfigError(f"--data {data} uses tokenizer {chat.tokenizer_fingerprint} but --model {folder} was "
-                          f"trained with {found}: prepare the data with --tokenizer {folder}")
+                          f"trained with {found}: prepare the data with {TOOL} --tokenizer {folder}")
 
 
 def trim(ids: np.ndarray, mask: np.ndarray) -> Batch:
@@ -78,11 +86,35 @@ class ChatObjective(Objective):
         self.tokenizer_dir = train.tokenizer_dir
 
     @classmethod
+    def resolve(cls, data: str, recipe: ChatRecipe, rundir: Path) -> None:
+        """seq_len, when not given: a resume's own (read from its checkpoint, so a refused resume
+        reads no data), else the chat data's row length."""
+        if recipe.seq_len is not None:
+            return
+        complete, _ = ckpt.scan(Path(rundir) / "checkpoints")
+        if complete:
+            try:
+                recipe.seq_len = ckpt.TrainerState.read(complete[-1]).recipe.get("seq_len")
+            except (OSError, ValueError):
+                pass  # preflight names the broken checkpoint
+            if recipe.seq_len is not None:
+                return
+        try:
+            manifest = read_chat_manifest(Path(data))
+            recipe.seq_len = int(manifest["seq_len"])
+        except (DataError, OSError, KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"--data {data}: {err}") from err
+
+    @classmethod
     def open(cls, data: str, recipe: ChatRecipe, model_config, source: TrainerState | None):
         if source is None and recipe.model in PRESETS:
             raise ConfigError(f"{cls.kind.upper()} starts from a trained model, not preset {recipe.model}: pass "
                               "--model EXPORT_OR_CHECKPOINT (e.g. the pre-training run's RUNDIR/final)")
         train = open_split(data, cls.kind, "train", recipe, model_config.vocab_size)
+        if not len(train):
+            held = train.manifest["splits"].get("val", {}).get("examples", 0)
+            raise ConfigError(f"--data {data}: no training {cls.kind} example (train split empty, {held} held out): "
+                              f"prepare it again with {TOOL} from more records (or a smaller --val-fraction)")
         check_model_tokenizer(data, train, recipe)
         val = open_split(data, cls.kind, "val", recipe, model_config.vocab_size) if recipe.eval_interval else None
         return cls.build(train, val, recipe)
@@ -141,6 +173,21 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
     return loss, metrics
 
 
+def weights_sha256(folder: Path) -> str | None:
+    """sha256 over an export's safetensors files (names and bytes, in name order), None if it has none:
+    what identifies DPO's frozen reference. Read once per start (~1 s per GB)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def load_reference(recipe: DPORecipe):
     """The frozen reference policy: the `--model` export DPO starts from."""
     from doge.model.modeling import DogeForCausalLM
@@ -155,8 +202,20 @@ def load_reference(recipe: DPORecipe):
 
 class DPOObjective(ChatObjective):
     recipe_class = DPORecipe
-    resume_fields = ("beta",)  # --model, which every resume keeps, is also the frozen reference
+    # beta and the reference's weights define the objective: --model, which every resume keeps by name, is
+    # also the frozen reference, and its files could be replaced in between
+    resume_fields = ("beta", "reference_sha256")
     kind = "dpo"
+
+    @classmethod
+    def resolve(cls, data: str, recipe: DPORecipe, rundir: Path) -> None:
+        super().resolve(data, recipe, rundir)
+        folder = Path(recipe.model)
+        try:
+            recipe.reference_sha256 = weights_sha256(folder) if folder.is_dir() else None
+        except OSError as err:
+            raise ConfigError(f"--model {folder}: cannot read the reference's weights ({err}); check the "
+                              "folder") from err
 
     def __init__(self, train: ChatData, val: ChatData | None, reference, beta: float):
         super().__init__(train, val)

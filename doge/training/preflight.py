@@ -5,8 +5,10 @@ the recipe's fields (already checked by `Recipe.load`), the WSD phases against `
 batch geometry against the world size the launcher exported, the DeepSpeed config's "auto"
 values, the start point (own checkpoint, `--init-from`) and the data against the model and the
 checkpoint. What a resume must keep is checked here for every objective, as the objective
-declares it: the model and the recipe fields in `Objective.resume_fields` (e.g. DPO's beta)
-before any data is opened, the data's fingerprint once it is. Any failure is a `ConfigError`;
+declares it: the model and the recipe fields in `Objective.resume_fields` (e.g. DPO's beta and its
+frozen reference's weights) before any data is opened, the data's fingerprint once it is. Fields
+that follow from the data or the model (`Objective.resolve`: a chat run's seq_len, DPO's
+reference fingerprint) are filled in first. Any failure is a `ConfigError`;
 the command line turns it into one `error: ...` line and exit code 2 on every launcher, and no
 rank has started a process group or an engine.
 """
@@ -54,6 +56,16 @@ def schedule_of(recipe: Recipe) -> WSD:
                    recipe.min_lr_ratio, recipe.decay_start)
     except ValueError as err:
         raise ConfigError(f"learning-rate schedule: {err}") from err
+
+
+def schedule_from_epochs(recipe: Recipe, epochs: float, per_epoch: int, global_batch: int) -> WSD:
+    """max_steps from --epochs and the data's size, then the schedule; an error names --epochs."""
+    recipe.max_steps = max(1, math.ceil(epochs * per_epoch / global_batch))
+    try:
+        return schedule_of(recipe)
+    except ConfigError as err:
+        raise ConfigError(f"--epochs {epochs:g} of {per_epoch} examples at {global_batch} per step gives max_steps "
+                          f"{recipe.max_steps}; {str(err).replace('raise --max-steps', 'raise --epochs')}") from err
 
 
 def batch_geometry(recipe: Recipe, world: int) -> tuple[int, int]:
@@ -115,9 +127,16 @@ def check_resume(recipe: Recipe, objective_cls: type[Objective], start: Start) -
         return
     state, own = start.source_state, start.source
     check_same_model(recipe, state, own)
+    fields = {f.name: f for f, _ in type(recipe).fields()}
     for name in objective_cls.resume_fields:
         ours, theirs = getattr(recipe, name), state.recipe.get(name, getattr(recipe, name))
-        if ours != theirs:
+        if fields[name].metadata["derived"]:  # set by the run (Objective.resolve), not by a flag
+            if None not in (ours, theirs) and ours != theirs:
+                raise ConfigError(f"--model {recipe.model}: the {fields[name].metadata['help']} is now {ours}, but "
+                                  f"checkpoint {own} was trained against {theirs}: the files at --model were replaced "
+                                  "since the run started; restore the run's own --model, or choose a new --output "
+                                  f"(--init-from {own} starts a new run from these weights)")
+        elif ours != theirs:
             raise ConfigError(f"{flag(name)} = {ours} differs from checkpoint {own}, trained with {name} = {theirs}: "
                               f"resume with the run's own value ({theirs}), or choose a new --output (--init-from "
                               f"{own} starts a new run from these weights)")
@@ -262,7 +281,11 @@ def preflight(args: argparse.Namespace, recipe: Recipe, objective_cls: type[Obje
     main_rank = rank_from_env() == 0  # rank 0 holds the RUNDIR lock for the job
     if main_rank:
         runlock.check(rundir)
+    objective_cls.resolve(args.data, recipe, rundir)
     epochs = recipe.length_in_epochs()
+    if epochs is None and recipe.max_steps is None:
+        raise ConfigError(f"--epochs none needs {flag('max_steps')}: give the run's length in optimizer steps, "
+                          "or in passes over the data with --epochs N")
     schedule = schedule_of(recipe) if epochs is None else None  # else max_steps follows from the data
     global_batch, grad_accum = batch_geometry(recipe, world)
     bf16 = use_bf16(recipe.precision)
@@ -274,8 +297,7 @@ def preflight(args: argparse.Namespace, recipe: Recipe, objective_cls: type[Obje
     objective = objective_cls.open(args.data, recipe, config, source_state)
     check_same_data(args.data, objective, start)
     if epochs is not None:
-        recipe.max_steps = max(1, math.ceil(epochs * objective.samples_per_epoch() / global_batch))
-        schedule = schedule_of(recipe)
+        schedule = schedule_from_epochs(recipe, epochs, objective.samples_per_epoch(), global_batch)
     reshard = source is not None and (source_state.world_size, source_state.recipe.get(
         "expert_parallel_size", 1)) != (world, recipe.expert_parallel_size)
     if reshard:

@@ -1,13 +1,15 @@
 """Training recipes: every hyper-parameter of a run, from a YAML file plus `--field value` overrides.
 
 Each objective has its recipe class (`Objective.recipe_class`): `Recipe` holds the fields every
-objective shares, `PretrainRecipe` adds upcycling, `ChatRecipe` (SFT) the number of epochs,
-`DPORecipe` beta; each starts from defaults of its own (`@defaults`: post-training runs are short,
-at a small LR). A recipe class is the single source of truth for its objective: its defaults, the
-YAML keys of `recipes/*.yaml`, the command-line flags (`--max-steps` for `max_steps`), their
-`--help` text and the allowed values (`choices`, `low`/`high` bounds in each field's metadata) are
-all derived from it, so a flag can never exist without a recipe field or a field without its
-check, and a key of another objective (`--beta` for pre-training) is unknown. Precedence: defaults
+objective shares, `PretrainRecipe` adds upcycling, `ChatRecipe` (SFT) the number of epochs (and
+takes seq_len from the data, max_steps from the epochs), `DPORecipe` beta (and records the frozen
+reference's fingerprint, a `derived` field: no flag, no YAML key); each starts from defaults of its
+own (`@defaults`: post-training runs are short, at a small LR). A recipe class is the single
+source of truth for its objective: its defaults, the YAML keys of `recipes/*.yaml`, the
+command-line flags (`--max-steps` for `max_steps`), their `--help` text and the allowed values
+(`choices`, `low`/`high` bounds in each field's metadata) are all derived from it, so a flag can
+never exist without a recipe field or a field without its check, and a key of another objective
+(`--beta` for pre-training) is unknown. Precedence: defaults
 < recipe YAML < command line. `load` checks every field and raises `ConfigError` naming the field
 and the fix.
 """
@@ -36,10 +38,11 @@ class ConfigError(ValueError):
     field or file and the fix, and the command line prints it as one `error: ...` line (exit 2)."""
 
 
-def _f(default, help: str, *, choices=None, low=None, high=None, cli=True):
-    """A recipe field: default, help text, and its allowed values (choices, or bounds low <= v <= high)."""
+def _f(default, help: str, *, choices=None, low=None, high=None, cli=True, derived=False):
+    """A recipe field: default, help text, and its allowed values (choices, or bounds low <= v <= high).
+    `derived`: set by the run itself (recorded in checkpoints), neither a flag nor a YAML key."""
     return field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high,
-                                            "cli": cli})
+                                            "cli": cli and not derived, "derived": derived})
 
 
 @dataclass
@@ -133,7 +136,7 @@ class Recipe:
         values = {**(_read_yaml(path, cls) if path else {}), **overrides}
         checked = {}
         for f, annotation in cls.fields():
-            if f.name in values:
+            if f.name in values and not f.metadata["derived"]:
                 checked[f.name] = _coerce(f.name, values[f.name], annotation)
                 _check_range(f, checked[f.name])
         recipe = cls(**checked)
@@ -176,11 +179,18 @@ class PretrainRecipe(Recipe):
 @defaults(global_batch_tokens=262144, lr=8e-4, warmup_steps=100, decay_steps=100, save_interval=500, keep_last=2,
           eval_interval=500, eval_samples=512)
 class ChatRecipe(Recipe):
-    """SFT on chat data (doge/sft.py), defaults of recipes/sft-doge-20m.yaml: two epochs of 2048-token
-    conversations, 0.25M tokens per step, LR 8e-4 with short warmup and decay."""
+    """SFT on chat data (doge/sft.py), defaults of recipes/sft-doge-20m.yaml: two epochs of the
+    data's conversations, 0.25M tokens per step, LR 8e-4 with short warmup and decay. The row
+    length is the chat data's (rows are padded to the --seq-len they were prepared with), and the
+    run's length follows from --epochs and the data's size: neither falls back to pre-training's
+    2048 tokens or 8000 steps."""
 
-    epochs: typing.Optional[float] = _f(2.0, "passes over the training data: sets max_steps from the data's size "
-                                             "(none: run --max-steps steps)", low=0.0)
+    seq_len: typing.Optional[int] = _f(None, "tokens per row: the chat data's (default: the --seq-len the data was "
+                                             "prepared with; a value given must equal it)", low=1)
+    max_steps: typing.Optional[int] = _f(None, "total optimizer steps of the run (default: from --epochs and the "
+                                               "data's size; with --epochs none, required)", low=1)
+    epochs: typing.Optional[float] = _f(2.0, "passes over the training data (> 0): sets max_steps from the data's "
+                                             "size (none: run --max-steps steps)", low=0.0)
 
     label: typing.ClassVar[str] = "SFT"
 
@@ -189,14 +199,19 @@ class ChatRecipe(Recipe):
 
 
 @dataclass
-@defaults(seq_len=1024, micro_batch_size=4, global_batch_tokens=131072, lr=8e-5, warmup_steps=10,
+@defaults(micro_batch_size=4, global_batch_tokens=131072, lr=8e-5, warmup_steps=10,
           decay_steps=10, weight_decay=0.0, save_interval=200, eval_interval=200, eval_samples=256)
 class DPORecipe(ChatRecipe):
     """DPO on preference pairs (doge/dpo.py), defaults of recipes/dpo-doge-20m.yaml: two epochs of
-    1024-token pairs, 0.125M tokens per step, LR 8e-5, beta 0.1."""
+    the data's pairs, 0.125M tokens per step, LR 8e-5, beta 0.1. `reference_sha256` is not a flag:
+    preflight records the frozen reference's weights in it, so a resume against other weights is
+    refused."""
 
     beta: float = _f(0.1, "weight of the implicit KL penalty towards the frozen reference model (sigmoid loss)",
                      low=1e-6)
+    reference_sha256: typing.Optional[str] = _f(None, "sha256 of the frozen reference's weights (the --model "
+                                                      "export's safetensors files)", cli=False,
+                                                derived=True)
 
     label: typing.ClassVar[str] = "DPO"
 
@@ -258,6 +273,9 @@ def _check_range(f, value) -> None:
         raise ConfigError(f"{flag(name)} = {value!r} is not allowed: choose one of {', '.join(meta['choices'])}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{flag(name)} = {value}: must be a finite number")
+    if name == "epochs" and value <= 0:
+        raise ConfigError(f"{flag(name)} = {value:g}: a run needs a positive number of passes over the data (e.g. "
+                          "2, or 0.5 for half the data); to give the length in steps, pass --epochs none --max-steps N")
     low, high = meta["low"], meta["high"]
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
@@ -279,7 +297,7 @@ def _read_yaml(path: str, cls: type[Recipe]) -> dict:
         raise ConfigError(f"--recipe {path}: cannot read it ({err}); pass an existing YAML file") from err
     if not isinstance(values, dict):
         raise ConfigError(f"--recipe {path}: expected a mapping of recipe keys, e.g. `lr: 1.0e-3`")
-    known = {f.name for f, _ in cls.fields()}
+    known = {f.name for f, _ in cls.fields() if not f.metadata["derived"]}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"--recipe {path}: unknown recipe key(s) {unknown} for {cls.label}; valid keys: "
