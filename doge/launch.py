@@ -23,6 +23,12 @@ SIGKILLed launcher never leaves ranks writing to RUNDIR (what they leave is what
 which a resume handles). So after a stop signal this process outlives the ranks it saw: SLURM's
 SIGTERM reaches every process of the job step, DeepSpeed's runner may exit on it at once, and
 leaving with it would end ranks that are still saving.
+
+A run that is refused (a bad flag, recipe or data: rank 0's one `error: ...` line, exit 2) ends
+with that line: DeepSpeed's launchers print their own lines after a rank's ("Killing subprocess",
+"exits with return code = 2"), so rank 0 leaves it in a temporary file (DOGE_ERROR_FILE) instead
+of printing it, and this command prints it once they are done, as its last line, and exits 2.
+The bare `deepspeed` command cannot do that: there the error line is followed by the launcher's.
 """
 from __future__ import annotations
 
@@ -30,11 +36,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
 
-from doge.training.launcher_watch import LAUNCHER_ENV, POLL_S, launcher_id
+from doge.training.launcher_watch import ERROR_ENV, LAUNCHER_ENV, POLL_S, launcher_id
 
 STOP_WAIT_S = 120  # how long a stopped job's ranks may take to save after the runner is gone
 RANK_PARENT = "deepspeed.launcher.launch"
@@ -83,8 +90,29 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__, flush=True)  # then DeepSpeed's own flags, printed by its runner
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited by the launcher processes
+    # Named, not made: only a rank that fails creates it, so a SIGKILLed launcher leaves nothing behind.
+    me = psutil.Process()
+    error_file = os.path.join(tempfile.gettempdir(), f"doge-launch-{me.pid}-{int(me.create_time() * 1e6)}.error")
+    try:
+        returncode = run(argv, error_file)
+    finally:
+        try:
+            with open(error_file) as fh:
+                error = fh.read().strip()
+            os.unlink(error_file)
+        except FileNotFoundError:
+            error = ""
+    if error:  # rank 0's refusal, printed after the launchers' own lines
+        print(error, file=sys.stderr, flush=True)
+        return 2 if returncode != 0 else returncode
+    return returncode
+
+
+def run(argv: list[str], error_file: str) -> int:
+    """DeepSpeed's runner on `argv`, stop signals forwarded to the ranks; its exit status."""
     runner = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", *argv],
-                              env={**os.environ, LAUNCHER_ENV: launcher_id(psutil.Process())})
+                              env={**os.environ, LAUNCHER_ENV: launcher_id(psutil.Process()),
+                                   ERROR_ENV: error_file})
     requests: list[int] = []
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: requests.append(signum))

@@ -15,10 +15,19 @@
 #SBATCH --open-mode=append
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@600
+DOGE_SCRIPT=slurm/continue.sh
+# Checked first, one line and exit 2: outside a SLURM job, or no slurm/launch.sh. It is found through
+# DOGE_REPO, else beside this file (run in place), else in the folder sbatch ran in (sbatch runs a copy).
+[[ -n "${SLURM_JOB_ID:-}" ]] || { echo "doge-slurm: error: not inside a SLURM job: submit it with" \
+    "sbatch --export=ALL,DATA=/shared/data/web,INIT_FROM=RUNDIR/checkpoints/step-XXXXXXXX,RECIPE=recipes/doge-160m.yaml $DOGE_SCRIPT" >&2; exit 2; }
 if [[ -z "${INIT_FROM:-}" || -z "${RECIPE:-}" ]]; then
     echo "doge-slurm: error: continue.sh needs INIT_FROM (a RUNDIR/checkpoints/step-XXXXXXXX folder) and RECIPE;" \
-         "not requeued"
+         "not requeued" >&2
     exit 2
 fi
-# sbatch runs a copy of this file, so the launcher is found from where sbatch was called
-source "${DOGE_REPO:-$SLURM_SUBMIT_DIR}/slurm/launch.sh"
+here=$(dirname "${BASH_SOURCE[0]}")
+repo=${DOGE_REPO:-$([[ -f $here/launch.sh ]] && cd "$here/.." && pwd || echo "${SLURM_SUBMIT_DIR:-$PWD}")}
+[[ -f $repo/slurm/launch.sh ]] || { echo "doge-slurm: error: $repo/slurm/launch.sh not found: submit from the" \
+    "repository root or set DOGE_REPO to it; not requeued" >&2; exit 2; }
+# shellcheck source=slurm/launch.sh
+source "$repo/slurm/launch.sh"

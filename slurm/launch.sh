@@ -7,7 +7,14 @@
 #   INIT_FROM     checkpoint to start a new run from (--init-from)
 #   MAX_RESTARTS  requeue after a time-limit save only while SLURM_RESTART_COUNT is below this (default 20)
 #   CPU_RANKS_PER_NODE  ranks per node when the node has no GPU (default 1); MASTER_PORT, PYTHON
-# Paths are relative to the repository (the folder sbatch ran in, or DOGE_REPO).
+# Paths are relative to the repository: the one this file is in (the batch scripts find it through
+# DOGE_REPO, their own folder, or the folder sbatch ran in).
+#
+# Checked before anything is written: outside a SLURM job, without the SLURM variables, srun or
+# scontrol, with DATA unset, or with RECIPE, DS_CONFIG or INIT_FROM missing, the script prints one
+# `doge-slurm [...] error: ...` line on stderr and exits 2, leaving no RUN_DIR behind. The trainer
+# checks the rest (DATA's contents, the recipe's values) before it writes anything, and the hostfile
+# is removed when the step ends, so a refused run leaves no RUN_DIR either.
 #
 # One `python -m doge.launch` per node (srun, one task per node): DeepSpeed's runner without ssh,
 # every rank a child of a launcher that turns a stop signal into a save. The batch shell traps
@@ -24,14 +31,29 @@
 set -uo pipefail
 
 say() { echo "doge-slurm [$(date +%T)] $*"; }
-die() { say "error: $*; not requeued"; exit 2; }
+die() { say "error: $*; not requeued" >&2; exit 2; }
 
-cd "${DOGE_REPO:-${SLURM_SUBMIT_DIR:-.}}" || die "cannot enter the repository (set DOGE_REPO)"
-[[ -f doge/launch.py ]] || die "$PWD is not the doge repository: run sbatch from its root or set DOGE_REPO"
-[[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a SLURM job: submit with sbatch"
-[[ -n "${DATA:-}" ]] || die "DATA is not set: sbatch --export=ALL,DATA=/shared/data/web $0"
-RUN_DIR=${RUN_DIR:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}
+script=${DOGE_SCRIPT:-slurm/<script>.sh}
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+    say "error: not inside a SLURM job: submit it with sbatch --export=ALL,DATA=/shared/data/web $script" >&2
+    exit 2
+fi
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || die "cannot enter the repository of ${BASH_SOURCE[0]}"
+[[ -f doge/launch.py ]] || die "$PWD is not the doge repository: set DOGE_REPO to it"
+for name in SLURM_JOB_NAME SLURM_JOB_NODELIST SLURM_NNODES; do
+    [[ -n "${!name:-}" ]] || die "$name is not set: this is not a batch job SLURM started; submit it with sbatch"
+done
+for tool in srun scontrol; do
+    command -v "$tool" >/dev/null || die "$tool is not on PATH: run the job on a SLURM node"
+done
+[[ -n "${DATA:-}" ]] || die "DATA is not set: sbatch --export=ALL,DATA=/shared/data/web $script"
+[[ -z "${RECIPE:-}" || -f "$RECIPE" ]] || die "RECIPE $RECIPE is not a file (relative paths start at $PWD)"
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
+[[ -f "$DS_CONFIG" ]] || die "DS_CONFIG $DS_CONFIG is not a file (relative paths start at $PWD)"
+[[ -z "${INIT_FROM:-}" || -d "$INIT_FROM" ]] \
+    || die "INIT_FROM $INIT_FROM is not a folder: pass a RUNDIR/checkpoints/step-XXXXXXXX checkpoint"
+RUN_DIR=${RUN_DIR:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}
+[[ ! -e "$RUN_DIR" || -d "$RUN_DIR" ]] || die "RUN_DIR $RUN_DIR is a file: choose a folder"
 MAX_RESTARTS=${MAX_RESTARTS:-20}
 restarts=${SLURM_RESTART_COUNT:-0}
 
@@ -41,6 +63,7 @@ gpus=${gpus##*:}  # "a100:4" -> 4
 if [[ ! "$gpus" =~ ^[0-9]+$ ]]; then gpus=0; fi
 if (( gpus > 0 )); then per_node=$gpus; else per_node=${CPU_RANKS_PER_NODE:-1}; export DS_ACCELERATOR=cpu; fi
 
+new_run_dir=$([[ -d "$RUN_DIR" ]] || echo yes)
 mkdir -p "$RUN_DIR/slurm" || die "cannot create RUN_DIR $RUN_DIR"
 hostfile=$RUN_DIR/slurm/hostfile-$SLURM_JOB_ID  # on shared storage: every node's launcher reads it
 scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$per_node/" > "$hostfile" \
@@ -67,7 +90,7 @@ srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill
 step=$!
 
 got=""
-# shellcheck disable=SC2317  # called from the traps
+# shellcheck disable=SC2317,SC2329  # called from the traps
 forward() { got=$1; say "SIG$1: asking every rank to save and exit"; kill -s "$1" "$step" 2>/dev/null; }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
@@ -77,6 +100,10 @@ while :; do
     kill -0 "$step" 2>/dev/null || break
 done
 trap '' USR1 TERM
+# The hostfile served this step only; a run refused before it wrote anything leaves no RUN_DIR.
+rm -f "$hostfile"
+rmdir "$RUN_DIR/slurm" 2>/dev/null
+[[ -n $new_run_dir ]] && rmdir "$RUN_DIR" 2>/dev/null
 
 field() {  # field NAME: from RUN_DIR/status.json, written by the trainer
     "${PYTHON:-python}" -c 'import json, sys; print(json.load(open(sys.argv[1])).get(sys.argv[2]) or "")' \

@@ -15,11 +15,21 @@
 #SBATCH --open-mode=append
 #SBATCH --requeue
 set -uo pipefail
-cd "${DOGE_REPO:-${SLURM_SUBMIT_DIR:-.}}" || exit 2
+fail() { echo "doge-slurm: error: $*" >&2; exit 2; }
+# Checked before anything runs, one line and exit 2 each: outside a SLURM job, not an array task, a
+# setting missing, no repository. The repository is DOGE_REPO, else the one this file is in (run in
+# place), else the folder sbatch ran in (sbatch runs a copy of this file).
+[[ -n "${SLURM_JOB_ID:-}" ]] || fail "not inside a SLURM job: submit it as an array:" \
+    "sbatch --array=0-7 --export=ALL,INPUT=...,TOKENIZER=...,OUTPUT=... slurm/prepare.sh"
+[[ -n "${SLURM_ARRAY_TASK_ID:-}" && -n "${SLURM_ARRAY_TASK_MAX:-}" ]] \
+    || fail "not an array task: submit as an array: sbatch --array=0-N ... slurm/prepare.sh"
 for name in INPUT TOKENIZER OUTPUT; do
-    [[ -n "${!name:-}" ]] || { echo "doge-slurm: error: $name is not set (see slurm/prepare.sh)"; exit 2; }
+    [[ -n "${!name:-}" ]] || fail "$name is not set: sbatch --export=ALL,INPUT=...,TOKENIZER=...,OUTPUT=... (see slurm/prepare.sh)"
 done
-[[ -n "${SLURM_ARRAY_TASK_ID:-}" ]] || { echo "doge-slurm: error: submit as an array: sbatch --array=0-N"; exit 2; }
+here=$(dirname "${BASH_SOURCE[0]}")
+repo=${DOGE_REPO:-$([[ -f $here/launch.sh ]] && cd "$here/.." && pwd || echo "${SLURM_SUBMIT_DIR:-$PWD}")}
+[[ -f $repo/data_tools/prepare_parts.py ]] || fail "$repo is not the doge repository: submit from its root or set DOGE_REPO"
+cd "$repo" || fail "cannot enter $repo"
 # The first task records this array's size in OUTPUT/parts/plan.json; a rerun of one task follows it.
 tasks=$((SLURM_ARRAY_TASK_MAX + 1))
 read -ra inputs <<< "$INPUT"

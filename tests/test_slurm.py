@@ -115,7 +115,8 @@ def test_requeue_from_outside_resumes_bit_identical(cluster, reference_job):
 
 
 def test_real_errors_end_with_the_reason_and_never_requeue(cluster):
-    """Missing data and a bad recipe value, each with a time-limit warning armed: FAILED, no requeue."""
+    """Missing data and a bad recipe value, each with a time-limit warning armed: FAILED, no requeue,
+    no RUN_DIR left."""
     jobs = {"missing-data": submit(cluster, "slurm/pretrain_20m.sh", "missing-data", nodes=1,
                                    DATA=str(h.BASE / "no-such-data")),
             "bad-recipe": submit(cluster, "slurm/pretrain_20m.sh", "bad-recipe", nodes=1, DATA=str(h.prepared()),
@@ -126,6 +127,7 @@ def test_real_errors_end_with_the_reason_and_never_requeue(cluster):
         assert info["JobState"] == "FAILED" and info["Restarts"] == "0" and info["ExitCode"] == "2:0", text[-3000:]
         assert "error: " in text and "Traceback" not in text
         assert re.search(r"failed \(exit 2\): .+; not requeued$", last_line(name)), last_line(name)
+        assert not (h.BASE / name).exists(), "a refused run left its RUN_DIR (the hostfile) behind"
     assert "no-such-data" in log_of("missing-data") and "warmup" in log_of("bad-recipe")
 
 

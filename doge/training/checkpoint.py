@@ -18,6 +18,9 @@ manifests existed count as complete when trainer_state.json parses (the earlier 
 they hide shows up at load time, which falls back to the previous checkpoint.
 Sizes, not hashes: stat-ing the files costs under a millisecond, while hashing every
 checkpoint at each start would re-read gigabytes for the bigger presets.
+
+torch is imported where it is used, so the completeness check (`incomplete_reason`, `scan`,
+`find_latest`) runs in the export and upcycle commands before they load anything heavy.
 """
 from __future__ import annotations
 
@@ -29,13 +32,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-
 from doge import atomic
 from doge.atomic import TMP_PREFIX
-from doge.training.distributed import barrier
 from doge.training.faults import pause
 
 STATE_FILE = "trainer_state.json"
@@ -74,12 +72,18 @@ def step_tag(step: int) -> str:
 
 
 def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def restore_rng(ckpt: Path, rank: int) -> None:
     """Restore this rank's RNG streams (only meaningful when the world size is unchanged)."""
+    import numpy as np
+    import torch
+
     with open(ckpt / "rng" / f"rank-{rank:05d}.pkl", "rb") as fh:
         state = pickle.load(fh)
     random.setstate(state["python"])
@@ -144,6 +148,10 @@ def move_aside(folder: Path) -> Path:
 
 def save(engine, root: Path, state: TrainerState, tokenizer_dir: str | None, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the completed checkpoint folder."""
+    import torch.distributed as dist
+
+    from doge.training.distributed import barrier
+
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = step_tag(state.step)
     final = root / tag

@@ -4,8 +4,8 @@
 `--data`, `--output` and one flag per field of the objective's recipe (`Objective.recipe_class`),
 so each entry script lists its own fields and defaults and refuses another objective's. The
 order matters: the run is checked completely (`doge.training.preflight`) before the process
-group starts, so a bad config costs no DeepSpeed start-up and prints one `error: ...` line
-(exit 2) from rank 0 only.
+group starts, so a bad config (or a flag argparse refuses) costs no DeepSpeed start-up and prints
+one `error: ...` line (exit 2) from rank 0 only; under `python -m doge.launch` it is the last line.
 
 Rank 0 keeps `RUNDIR/status.json` ({"state": running|finished|stopped|failed, "reason", "step"})
 up to date at start, finish, stop signal and failure, for requeue scripts; a job killed outright
@@ -26,7 +26,7 @@ from doge.training import runlock
 from doge.training.distributed import Dist, barrier, init_distributed, rank_from_env, shutdown, world_from_env
 from doge.training.engine import build_engine, load_start
 from doge.training.flops import device_peak_flops, flops_per_token
-from doge.training.launcher_watch import watch_launcher
+from doge.training.launcher_watch import record_error, watch_launcher
 from doge.training.loop import Trainer, install_stop_handlers, trainer_state
 from doge.training.metrics import Reporter, Throughput, start_wandb
 from doge.training.objective import Objective
@@ -34,8 +34,18 @@ from doge.training.preflight import Plan, preflight
 from doge.training.recipe import ConfigError, Recipe
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a value of the wrong type) end like every other
+    refusal: one `error: ...` line from rank 0 (`fail`) and exit 2, instead of usage plus a message
+    from each rank."""
+
+    def error(self, message: str):
+        message = message.replace("invalid <lambda> value", "invalid value")
+        sys.exit(fail(ConfigError(f"{message}; see {self.prog} --help")))
+
+
 def parse_args(recipe_class: type[Recipe], description: str, argv=None) -> tuple[argparse.Namespace, Recipe]:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deepspeed", required=True, metavar="JSON",
                         help="DeepSpeed config, e.g. ds_configs/zero2.json")
     parser.add_argument("--recipe", metavar="YAML", help="recipe file, e.g. recipes/doge-20m.yaml")
@@ -113,9 +123,12 @@ def finish(trainer: Trainer) -> None:
 
 
 def fail(err: Exception) -> int:
-    """One line on rank 0 (every rank fails the same check), exit code 2."""
+    """One line on rank 0 (every rank fails the same check), exit code 2. Under `python -m doge.launch`
+    the launcher prints it (`record_error`), after DeepSpeed's own lines, so the error comes last."""
     if rank_from_env() == 0:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        line = f"error: {err}".replace("\n", " ")
+        if not record_error(line):
+            print(line, file=sys.stderr, flush=True)
     return 2
 
 

@@ -4,6 +4,7 @@
 WORLD_SIZE) without starting anything, so configuration checks can use it before any process
 group exists. srun exports no rank variables: `srun -n 4 python doge/train.py` would start 4
 independent 1-rank runs on one --output, so several srun tasks without WORLD_SIZE/RANK are refused.
+A plain 1-rank run picks a free rendezvous port (`init_distributed`).
 """
 from __future__ import annotations
 
@@ -42,17 +43,30 @@ def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+DEFAULT_PORT = "29511"  # MASTER_PORT of a multi-rank job whose launcher set none
+
+
 def init_distributed() -> Dist:
-    """Start the process group (gloo on CPU, nccl on GPUs); a plain `python` run is a 1-rank job."""
+    """Start the process group (gloo on CPU, nccl on GPUs); a plain `python` run is a 1-rank job.
+
+    A 1-rank run without MASTER_PORT (plain `python doge/train.py`) lets its store bind port 0, a
+    free port the kernel picks, as `torchrun --standalone` does: two such runs on one host never
+    collide, and nothing else can take the port between choosing and binding it."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    alone = "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1"
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "0" if alone else DEFAULT_PORT)):
         os.environ.setdefault(key, default)
     on_cpu = get_accelerator().device_name() == "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    if alone:  # the port the store was given, for anything that reads MASTER_PORT later
+        store = dist.distributed_c10d._get_default_store()
+        port = getattr(getattr(store, "underlying_store", store), "port", None)
+        if port:
+            os.environ["MASTER_PORT"] = str(port)
     if not on_cpu:  # host flags travel over gloo, so agreeing on them never waits for the GPU
         _host_group.append(dist.new_group(backend="gloo"))
     # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE

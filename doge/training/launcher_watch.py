@@ -5,6 +5,9 @@ its ranks running, writing to RUNDIR beside the next job. Each rank therefore wa
 that started it and, under `doge.launch`, that launcher too: its pid and start time travel in
 DOGE_LAUNCHER (the start time tells a reused pid apart). When either is gone the rank exits at
 once; what it leaves is what kill -9 leaves, which a resume handles.
+
+The other way, rank 0 leaves its `error: ...` line in the file DOGE_ERROR_FILE names
+(`record_error`), so `doge.launch` ends with it.
 """
 from __future__ import annotations
 
@@ -17,6 +20,24 @@ import psutil
 
 POLL_S = 0.2
 LAUNCHER_ENV = "DOGE_LAUNCHER"  # "PID:START_TIME" of doge.launch, inherited by every rank
+ERROR_ENV = "DOGE_ERROR_FILE"  # where rank 0 leaves its `error: ...` line for doge.launch to print last
+
+
+def record_error(line: str) -> bool:
+    """Rank 0's refusal, handed to `doge.launch` (True) instead of printed: DeepSpeed's launchers
+    print their own lines ("Killing subprocess", "exits with return code") after a rank's, so the
+    launcher prints it once they are done, as the job's last line. False: no `doge.launch` (or the
+    file cannot be written), so the rank prints it itself."""
+    path = os.environ.get(ERROR_ENV)
+    if not path:
+        return False
+    try:  # a new file only (O_EXCL: never through a link or over someone else's file)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(line + "\n")
+    return True
 
 
 def launcher_id(proc: psutil.Process) -> str:
