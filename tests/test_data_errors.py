@@ -187,3 +187,11 @@ def test_unfinished_or_changed_prepare(tmp_path):
     with pytest.raises(DataError, match="left by an interrupted prepare with different inputs or options"):
         run([src], out, seq_len=128)
     assert not out.exists() and partial.exists()  # someone else's partial work is not ours to delete
+
+
+def test_a_chat_datadir_given_for_pretraining_points_at_sft_and_dpo(tmp_path):
+    from doge.data import shards
+
+    (tmp_path / shards.MANIFEST).write_text(json.dumps({"format": shards.CHAT_FORMAT, "version": 1}))
+    with pytest.raises(DataError, match="chat DATADIR .*doge/sft.py or doge/dpo.py"):
+        shards.read_manifest(tmp_path)

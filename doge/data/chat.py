@@ -23,7 +23,7 @@ from doge.data.errors import DataError
 from doge.data.permutation import permute, round_keys
 from doge.data.tokenizer_copy import check_tokenizer_copy
 
-FORMAT, VERSION = "doge-chat-shards", 1
+FORMAT, VERSION = shards.CHAT_FORMAT, 1
 KINDS = ("sft", "dpo")
 TOOL = "data_tools/prepare_chat.py"
 _PRETRAIN_TOOL = re.compile(r"(?<![\w/])(?:data_tools/)?prepare\.py")

@@ -21,6 +21,7 @@ from doge import atomic
 from doge.data.errors import DataError
 
 FORMAT = "doge-packed-shards"
+CHAT_FORMAT = "doge-chat-shards"  # chat DATADIRs (doge/data/chat.py): refused here with a pointer to SFT/DPO
 VERSION = 1
 MANIFEST = "manifest.json"
 COLUMN = "input_ids"
@@ -155,6 +156,9 @@ def read_manifest(datadir: Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); re-run prepare.py") from exc
+    if isinstance(manifest, dict) and manifest.get("format") == CHAT_FORMAT:
+        raise DataError(f"{datadir} is a chat DATADIR (made by data_tools/prepare_chat.py): train on it with "
+                        "doge/sft.py or doge/dpo.py; pre-training takes a DATADIR from data_tools/prepare.py")
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing or manifest.get("format") != FORMAT:
         raise DataError(f"{path}: not a {FORMAT} manifest (missing {missing or 'format'}); re-run prepare.py")

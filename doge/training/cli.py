@@ -106,7 +106,8 @@ def open_reporting(trainer: Trainer) -> None:
                     f"{plan.objective.describe()}")
     if recipe.eval_interval and not plan.objective.eval_batches(dist, recipe.micro_batch_size, recipe.eval_samples):
         trainer.message(f"validation off: the held-out split has fewer samples than micro batch x world = "
-                        f"{dist.world * recipe.micro_batch_size}; prepare more with --val-fraction/--val-rows")
+                        f"{dist.world * recipe.micro_batch_size}; prepare more with --val-fraction/--val-rows "
+                        "of data_tools/prepare.py (data_tools/prepare_chat.py for chat data)")
 
 
 def finish(trainer: Trainer) -> None:
