@@ -3,9 +3,9 @@
 The export is loaded as our `DogeForCausalLM` and handed to lm-eval's `HFLM` as an instance (lm-eval
 would otherwise load the stock transformers class, which routes CDMoE wrongly). Tasks are lm-eval
 names: the local definitions in `doge/eval_tasks/` (`mmlu_local`, `arc_easy_local`,
-`arc_challenge_local`, `piqa_local`, `openbookqa_local`, `winogrande_local`: the files of --data)
-or, online, lm-eval's own (`mmlu`, `triviaqa`, `arc_easy`, `arc_challenge`, `piqa`, `hellaswag`,
-`openbookqa`, `winogrande`). Writes OUTPUT/results.json (lm-eval's results and the table) and
+`arc_challenge_local`, `piqa_local`, `openbookqa_local`, `hellaswag_local`, `winogrande_local`: the
+files of --data) or, online, lm-eval's own (`mmlu`, `triviaqa`, `arc_easy`, `arc_challenge`, `piqa`,
+`hellaswag`, `openbookqa`, `winogrande`). Writes OUTPUT/results.json (lm-eval's results and the table) and
 OUTPUT/results.md: one row in the column order of the Doge model cards, each column with the metric
 they report (acc_norm for ARC, PIQA, HellaSwag, OBQA; acc for MMLU and WinoGrande; exact match for
 TriviaQA), in percent.
@@ -37,12 +37,12 @@ from doge.eval_tasks import local_data
 
 TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
 LOCAL_TASKS = ("mmlu_local", "arc_easy_local", "arc_challenge_local", "piqa_local", "openbookqa_local",
-               "winogrande_local")
+               "hellaswag_local", "winogrande_local")
 # (column, metric, task names that fill it: local first, then lm-eval's hub task)
 COLUMNS = (("MMLU", "acc", ("mmlu_local", "mmlu")), ("TriviaQA", "exact_match", ("triviaqa",)),
            ("ARC-E", "acc_norm", ("arc_easy_local", "arc_easy")),
            ("ARC-C", "acc_norm", ("arc_challenge_local", "arc_challenge")),
-           ("PIQA", "acc_norm", ("piqa_local", "piqa")), ("HellaSwag", "acc_norm", ("hellaswag",)),
+           ("PIQA", "acc_norm", ("piqa_local", "piqa")), ("HellaSwag", "acc_norm", ("hellaswag_local", "hellaswag")),
            ("OBQA", "acc_norm", ("openbookqa_local", "openbookqa")),
            ("Winogrande", "acc", ("winogrande_local", "winogrande")))
 LIST_TASKS = "list lm-eval's with `lm-eval ls tasks`"
@@ -53,7 +53,7 @@ def parse_args(argv=None):
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="EXPORT", help="HF export folder (model + tokenizer)")
     p.add_argument("--tasks", metavar="TASK,...", default=",".join(LOCAL_TASKS),
-                   help="comma-separated lm-eval task names (default: the six local tasks)")
+                   help="comma-separated lm-eval task names (default: the seven local tasks)")
     p.add_argument("--num-fewshot", type=int, default=5, metavar="K",
                    help="shots per prompt (default 5, as the Doge cards; at most what each task's shot rows hold)")
     p.add_argument("--limit", type=int, metavar="N",
@@ -159,7 +159,7 @@ def check_local_task(name: str, config: dict, root: Path, shots: int) -> None:
         splits = {split: local_data.read_mmlu(path) for split, path in paths.items()}
     else:
         paths = {"test": root / kwargs["file"]}
-        splits = {"test": local_data.read_jsonl(paths["test"], kwargs.get("format", "choice"))}
+        splits = {"test": local_data.read_rows(paths["test"], kwargs.get("format", "choice"))}
     if shots == 0:
         return
     if shot_split is None or shot_split == test_split:

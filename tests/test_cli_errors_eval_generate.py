@@ -284,7 +284,7 @@ def test_local_task_definitions_are_known_without_lm_eval():
         assert ("subject" in kwargs) != ("file" in kwargs), name
         assert config.get("fewshot_split") in ("test", "dev"), name
         if "file" in kwargs:
-            assert (EVAL / kwargs["file"]).is_file() and kwargs.get("format", "choice") in local_data.FORMATS, name
+            assert (EVAL / kwargs["file"]).is_file() and kwargs.get("format", "choice") in local_data.TASK_FORMATS, name
 
 
 # ---------------------------------------------------------------- generate

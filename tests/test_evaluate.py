@@ -2,7 +2,8 @@
 
 The reference builds each prompt from the raw files itself (lm-eval's zero-shot formats: ARC and
 PIQA "Question: ...\\nAnswer:", OBQA the bare question, WinoGrande each context option before the
-shared continuation, MMLU the subject line, question, lettered options and "Answer:"), scores
+shared continuation, HellaSwag "label: context" with the unfinished last sentence capitalised and
+lm-eval's marker clean-up, MMLU the subject line, question, lettered options and "Answer:"), scores
 every choice as the sum of its continuation tokens' log-probs given the context (the
 continuation's tokens are those of context + " " + choice after the context's), and takes the
 argmax; acc_norm divides by the choice's length in characters, as lm-eval's acc_norm does
@@ -10,10 +11,12 @@ argmax; acc_norm divides by the choice's length in characters, as lm-eval's acc_
 """
 from __future__ import annotations
 
+import bz2
 import contextlib
 import csv
 import functools
 import json
+import re
 import sys
 
 import pytest
@@ -63,8 +66,47 @@ def items() -> dict[str, list[tuple[list[tuple[str, str]], list[str], int]]]:
     tasks["openbookqa_local"] = choices_after(lambda r: r["query"], jsonl("openbook_qa.jsonl"))
     tasks["winogrande_local"] = [([(c, " " + r["continuation"]) for c in r["context_options"]], r["context_options"],
                                   r["gold"]) for r in jsonl("winogrande.jsonl")]
+    tasks["hellaswag_local"] = [([(query, " " + e) for e in endings], endings, gold)
+                                for query, endings, gold in hellaswag_items()[:LIMIT]]
     tasks.update({f"mmlu_local_{s}": mmlu_items(EVAL / "mmlu" / "test" / f"{s}_test.csv") for s in mmlu_subjects()})
     return tasks
+
+
+def hellaswag_clean(text: str) -> str:
+    """lm-eval's HellaSwag `preprocess`."""
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
+
+
+def hellaswag_items() -> list[tuple[str, list[str], int]]:
+    """(query, endings, gold) per six lines of the file. lm-eval's query is `label: ctx_a ctx_b`
+    with ctx_b capitalised; ctx_b is what follows the context's last sentence end, when it starts
+    in lower case."""
+    lines = bz2.open(EVAL / "hellaswag_val_full.txt.bz2", "rt", encoding="utf-8").read().splitlines()
+    out = []
+    for i in range(0, len(lines) - 5, 6):
+        label, context = lines[i].split(": ", 1)
+        done, rest = re.match(r"(.*[.?!] )?(.*)$", context).groups()
+        if rest[:1].islower():
+            context = (done or "") + rest[0].upper() + rest[1:].lower()
+        out.append((hellaswag_clean(f"{label}: {context}"), [hellaswag_clean(e) for e in lines[i + 2: i + 6]],
+                    int(lines[i + 1])))
+    return out
+
+
+def test_hellaswag_prompts_are_lm_evals():
+    """The first items as lm-eval's `hellaswag` task builds them from the hub data set's fields
+    (activity_label, ctx_a, ctx_b, endings, label), and the task's rows equal the reference's."""
+    from doge.eval_tasks.local_data import read_hellaswag
+
+    rows = read_hellaswag(EVAL / "hellaswag_val_full.txt.bz2")
+    assert [r["query"] for r in rows[:3]] == [
+        "Roof shingle removal: A man is sitting on a roof. He",
+        "Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady",
+        "Canoeing: Two women in a child are shown in a canoe while a man pulls the canoe while standing in the "
+        "water, with other individuals visible in the background. The child and a different man"]
+    assert [r["gold"] for r in rows[:3]] == [3, 3, 2]
+    assert [(r["query"], r["choices"], r["gold"]) for r in rows] == hellaswag_items()
+    assert len(rows) == 25
 
 
 def mmlu_items(path):
@@ -139,7 +181,7 @@ def test_local_tasks_equal_log_likelihood_scoring_by_hand():
                for task, scores in expected.items())
     for task, scores in expected.items():
         for metric in ("acc", "acc_norm") if task.split("_local")[0] in ("arc_easy", "arc_challenge", "piqa",
-                                                                          "openbookqa") else ("acc",):
+                                                                          "openbookqa", "hellaswag") else ("acc",):
             assert got[task][f"{metric},none"] == pytest.approx(scores[metric], abs=1e-9), (task, metric)
     subjects = [scores for task, scores in expected.items() if task.startswith("mmlu_local_")]
     mmlu = sum(s["acc"] * s["items"] for s in subjects) / sum(s["items"] for s in subjects)
