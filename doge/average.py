@@ -42,16 +42,12 @@ def checkpoints(args: argparse.Namespace) -> list[Path]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from doge.command import run_command
     from doge.training.average import AverageError, average
     from doge.training.export import ExportError
 
-    try:
-        written = average(checkpoints(args), args.output)
-    except (AverageError, ExportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {written}")
-    return 0
+    return run_command(lambda: f"wrote {average(checkpoints(args), args.output)}", (AverageError, ExportError),
+                       "--output", args.output)
 
 
 if __name__ == "__main__":

@@ -68,3 +68,19 @@ def check_export(folder: str, flag: str = "--model") -> dict:
 def one_line(err: BaseException) -> str:
     """An exception as `Type: message` on one line."""
     return f"{type(err).__name__}: " + " ".join(str(err).split())
+
+
+def run_command(work, refusals: tuple[type[BaseException], ...], output_flag: str, output) -> int:
+    """A writing command's end: print what `work()` returns, exit 0; a refusal (one of `refusals`,
+    whose message names the input and the fix) or an OSError while writing `output` (a full disk:
+    nothing is published) is one `error:` line and exit 2."""
+    try:
+        print(work())
+    except refusals as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: cannot write {output_flag} {output}: {err}; free space or choose another {output_flag}",
+              file=sys.stderr)
+        return 2
+    return 0

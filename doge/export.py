@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from doge.command import OneLineParser
+from doge.command import OneLineParser, run_command
 from doge.training.export import ExportError, check_outdir, export, source_checkpoint
 
 
@@ -29,20 +29,14 @@ def main(argv=None) -> int:
                                                      "RUNDIR for its newest complete checkpoint")
     parser.add_argument("outdir", metavar="OUTDIR", help="new folder for the Hugging Face export")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> Path:
         ckpt = source_checkpoint(Path(args.ckpt))
         check_outdir(Path(args.outdir))
         if ckpt != Path(args.ckpt):
             print(f"exporting {ckpt}, the newest complete checkpoint in {args.ckpt}", flush=True)
-        print(export(ckpt, Path(args.outdir)))
-    except ExportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # e.g. the disk filled up while writing: nothing is published
-        print(f"error: cannot write OUTDIR {args.outdir}: {err}; free space or choose another OUTDIR",
-              file=sys.stderr)
-        return 2
-    return 0
+        return export(ckpt, Path(args.outdir))
+    return run_command(work, (ExportError,), "OUTDIR", args.outdir)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from doge import atomic
-from doge.command import OneLineParser
+from doge.command import OneLineParser, run_command
 from doge.model.upcycle import check_experts
 from doge.training import checkpoint as ckpt
 
@@ -141,16 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-experts", type=int, required=True, help="number of experts (a perfect square)")
     parser.add_argument("--top-k", type=int, required=True, help="experts per token (num_experts_per_tok)")
     args = parser.parse_args(argv)
-    try:
-        print(upcycle_folder(args.dense_dir, args.out_dir, args.num_experts, args.top_k))
-    except UpcycleError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # e.g. the disk filled up while writing: nothing is published
-        print(f"error: cannot write OUT_DIR {args.out_dir}: {err}; free space or choose another OUT_DIR",
-              file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: upcycle_folder(args.dense_dir, args.out_dir, args.num_experts, args.top_k),
+                       (UpcycleError,), "OUT_DIR", args.out_dir)
 
 
 if __name__ == "__main__":
