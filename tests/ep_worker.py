@@ -2,14 +2,16 @@
 `expert_parallel.apply`, trained by a DeepSpeed ZeRO-1/2 engine for a few steps on fixed random
 batches (rank r takes rows r*micro .. of each global batch); rank 0 writes the full weights, both
 Adam moments (shards gathered, keys as in the unsharded model), the grad norms and the router
-statistics to a file the test compares with a single-process run.
+statistics to a file the test compares with a single-process run. The `router` profile trains the
+router objective harder: 256 experts, top 8, 8 steps, z-loss on, and the trainer's Adam eps 1e-8;
+rank 0 then also writes each step's rank-mean aux_loss and z_loss, as the trainer logs them.
 
 `load` mode: rank 0 writes the same tensors (and each optimizer group's name and weight decay) of a
 trainer checkpoint loaded the way the trainer loads it, at this launch's world size and EP_SIZE:
 directly at the size it was written with, else through the universal conversion. The engine is
 built with weight decay 0.5, so the groups show whether the checkpoint's settings came back.
 
-usage: torchrun --nproc_per_node W tests/ep_worker.py STAGE EP_SIZE OUT
+usage: torchrun --nproc_per_node W tests/ep_worker.py STAGE EP_SIZE OUT [router]
        torchrun --nproc_per_node W tests/ep_worker.py load CKPT EP_SIZE OUT
 """
 import sys
@@ -34,22 +36,29 @@ STEPS, MICRO, SEQ, LR, WD, CLIP = 5, 2, 16, 1e-3, 0.1, 0.5
 # Adam's m / (sqrt(v) + eps) turns fp32 reduction-order noise in near-zero gradients into
 # update-sized differences when sqrt(v) << eps; this eps keeps such elements comparable at 1e-5.
 EPS = 1e-6
+PROFILES = {
+    "default": dict(moe=MOE, steps=STEPS, eps=EPS),
+    "router": dict(moe=dict(MOE, num_experts=256, num_experts_per_tok=8, router_z_loss_coef=0.01), steps=8,
+                   eps=1e-8),
+}
 
 
-def batches(world: int) -> torch.Tensor:
-    """(STEPS, world * MICRO, SEQ) token ids, the same on every rank and in the reference."""
-    return torch.randint(0, 256, (STEPS, world * MICRO, SEQ), generator=torch.Generator().manual_seed(1))
+def batches(world: int, profile: str = "default") -> torch.Tensor:
+    """(steps, world * MICRO, SEQ) token ids, the same on every rank and in the reference."""
+    steps = PROFILES[profile]["steps"]
+    return torch.randint(0, 256, (steps, world * MICRO, SEQ), generator=torch.Generator().manual_seed(1))
 
 
-def fresh_model() -> DogeForCausalLM:
+def fresh_model(profile: str = "default") -> DogeForCausalLM:
     torch.manual_seed(0)
-    return DogeForCausalLM(tiny_config(**MOE))
+    return DogeForCausalLM(tiny_config(**PROFILES[profile]["moe"]))
 
 
-def ds_config(stage: int, world: int) -> dict:
+def ds_config(stage: int, world: int, profile: str = "default") -> dict:
+    eps = PROFILES[profile]["eps"]
     return {"train_batch_size": MICRO * world, "train_micro_batch_size_per_gpu": MICRO,
             "gradient_accumulation_steps": 1, "gradient_clipping": CLIP, "bf16": {"enabled": False},
-            "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": EPS,
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": eps,
                                                       "weight_decay": WD, "torch_adam": True}},
             "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
 
@@ -84,22 +93,25 @@ def adam_moments(optimizer, key: str) -> dict:
     return out
 
 
-def main(stage: int, ep_size: int, out: str) -> None:
+def main(stage: int, ep_size: int, out: str, profile: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = fresh_model()
+    model = fresh_model(profile)
     group = expert_parallel.apply(model, ep_size)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config(stage, world),
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config(stage, world, profile),
                                       model_parameters=expert_parallel.optimizer_groups(param_groups(model, WD)))
-    norms, stats = [], []
-    for ids in batches(world):
+    norms, stats, losses = [], [], []
+    for ids in batches(world, profile):
         mine = ids[rank * MICRO:(rank + 1) * MICRO]
         loss, metrics = causal_lm_loss(TrainedModel(engine, model.config, group), mine, mine)
         engine.backward(loss)
         engine.step()
         norms.append(float(engine.get_global_grad_norm()))
         stats.append({k: float(metrics[k]) for k in ("experts_used", "max_load")})
-    dump(engine, group, out, {"norms": norms, "stats": stats})
+        logged = torch.stack([metrics["aux_loss"], metrics["z_loss"]])
+        dist.all_reduce(logged)  # the trainer's rank mean of the micro-batch values
+        losses.append(dict(zip(("aux_loss", "z_loss"), (logged / world).tolist())))
+    dump(engine, group, out, {"norms": norms, "stats": stats, "losses": losses})
 
 
 def dump(engine, group, out: str, result: dict) -> None:
@@ -136,4 +148,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "load":
         load(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
     else:
-        main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+        main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "default")

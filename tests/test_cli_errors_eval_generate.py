@@ -23,7 +23,7 @@ from test_evaluate import tiny_export
 
 from doge import evaluate, generate
 from doge.data.errors import DataError
-from doge.eval_tasks import local_data
+from doge.eval_tasks import harness, local_data
 
 EVAL = ASSETS / "eval"  # 25 rows per JSONL task; MMLU: 3 test and 5 dev rows per subject
 EARLY_S = 5.0  # a check done before lm-eval or the model loads answers within this (subprocess, imports included)
@@ -276,7 +276,7 @@ def test_rows_without_an_answer_are_refused_not_scored(tmp_path, monkeypatch):
 def test_local_task_definitions_are_known_without_lm_eval():
     """Every YAML of doge/eval_tasks reads as a task (with its data file or MMLU subject) or the
     mmlu_local group of 57 subject tasks: the names the early --tasks check knows."""
-    tasks, groups = evaluate.local_tasks()
+    tasks, groups = harness.local_tasks()
     assert set(groups) == {"mmlu_local"} and len(groups["mmlu_local"]) == 57
     assert set(groups["mmlu_local"]) | set(evaluate.LOCAL_TASKS[1:]) == set(tasks)
     for name, config in tasks.items():

@@ -35,7 +35,7 @@ def test_aux_loss_adds_its_own_gradient_to_the_router():
     for a, b, aux in zip(with_aux, without, [layer.mlp.router_gate.weight.grad for layer in model.model.layers]):
         assert aux.abs().max() > 0
         torch.testing.assert_close(a - b, 0.5 * aux, rtol=1e-4, atol=1e-7)
-    assert set(metrics) == {"loss", "aux_loss", "experts_used", "max_load"}
+    assert set(metrics) == {"loss", "aux_loss", "z_loss", "experts_used", "max_load"}
     assert 0 < metrics["experts_used"] <= 1 and metrics["max_load"] >= 1
 
 
@@ -62,3 +62,32 @@ def test_cdmoe_run_logs_aux_loss_and_router_statistics(tmp_path):
     assert val and "val_aux_loss" in val[-1]
     state = json.loads((rundir / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["model_config"]["is_moe"] and state["model_config"]["router_aux_loss_coef"] == 0.01
+
+
+def adam_step_deltas(expert_lr_scale: float) -> dict[str, torch.Tensor]:
+    """Each parameter's change in one AdamW step (no weight decay) of a CDMoE model from the same
+    gradients, with the LR set the way the loop sets it."""
+    from types import SimpleNamespace
+
+    from doge.training.engine import param_groups, set_lr
+
+    torch.manual_seed(0)
+    model = DogeForCausalLM(tiny_config(**MOE))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    causal_lm_loss(TrainedModel(model, model.config), ids, ids)[0].backward()
+    optimizer = torch.optim.AdamW(param_groups(model, 0.0, expert_lr_scale), lr=1.0)
+    set_lr(SimpleNamespace(optimizer=optimizer), 1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters()}
+
+
+def test_expert_lr_scale_multiplies_the_router_and_table_steps_only():
+    plain, scaled = adam_step_deltas(1.0), adam_step_deltas(10.0)
+    experts = [n for n in plain if n.split(".")[-2] in ("router_gate", "down_embed", "up_embed")]
+    assert len(experts) == 3 * 2  # tiny_config's two layers
+    for name in plain:
+        factor = 10.0 if name in experts else 1.0
+        # deltas are differences of fp32 weights (rounding up to ~2e-7), against steps of 1e-3 and 1e-2
+        torch.testing.assert_close(scaled[name], plain[name] * factor, rtol=0, atol=1e-6, msg=name)
+    assert all(plain[n].abs().max() > 0 for n in experts)

@@ -82,6 +82,7 @@ class _Split:
         self.sources = sources
         self.seq_len, self.vocab_size = info["seq_len"], info["vocab_size"]
         self.tokenizer_fingerprint, self.tokenizer_dir = info["tokenizer_fingerprint"], info["tokenizer_dir"]
+        self.eos_id = info["eos_id"]  # the token that ends each document packed in a row
         self.fingerprint = info["fingerprint"]
 
 
@@ -198,6 +199,7 @@ def open_pretrain_data(path, *, seed=0, split="train", tokenizer_fingerprint=Non
         "seq_len": seq_len,
         "tokenizer_fingerprint": manifests[0]["tokenizer"]["fingerprint"],
         "vocab_size": manifests[0]["tokenizer"]["vocab_size"],
+        "eos_id": manifests[0]["tokenizer"]["eos_id"],
         "tokenizer_dir": Path(entries[0]["path"]) / "tokenizer",
         "fingerprint": _fingerprint(sources, [e["weight"] for e in entries], seed, seq_len, split),
     }

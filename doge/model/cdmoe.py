@@ -11,6 +11,10 @@ differs from one-token decoding. It agrees with this module only when B*L == 1.)
 
 Top-k is sub-linear in num_experts: the best k pairs by s_x[i] + s_y[j] always lie among the
 k best rows times the k best columns, so only k*k sums are formed instead of num_keys**2.
+
+Both router losses are functions of one micro-batch's router logits (its own tokens, every layer),
+so the training objective is the same whether a rank's experts are whole or sharded: expert
+parallelism exchanges hidden states, never routing statistics.
 """
 from __future__ import annotations
 
@@ -58,6 +62,23 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: in
     return num_experts * (tokens_per_expert[: num_keys * num_keys] * prob).sum()
 
 
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE's z-loss on product keys: the mean over layers, tokens and the two halves of
+    logsumexp(half's logits)^2, i.e. mean of (lse(s_x)^2 + lse(s_y)^2) / 2.
+
+    Penalising each half (rather than lse over all experts, which is lse(s_x) + lse(s_y)) also
+    stops the halves from drifting apart by opposite constants, which routing cannot see but which
+    costs precision in the pair sums. `token_mask` (B, L) excludes padding.
+    """
+    num_keys = router_logits[0].shape[-1] // 2
+    logits = torch.cat(router_logits, dim=0).float()  # (layers * T, 2K)
+    per_token = logits.view(-1, 2, num_keys).logsumexp(dim=-1).square().mean(dim=-1)
+    if token_mask is None:
+        return per_token.mean()
+    weights = token_mask.reshape(-1).float().repeat(len(router_logits)).to(logits.device)
+    return (per_token * weights).sum() / weights.sum()
+
+
 class DogeMLP(nn.Module):
     """Dense SwiGLU MLP (also the shared expert of CDMoE)."""
 
@@ -82,6 +103,7 @@ class DogeCDMoE(DogeMLP):
         self.num_keys = math.isqrt(config.num_experts)
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
+        self.router_fp32 = config.router_fp32
         if self.top_k > self.num_keys ** 2:
             raise ValueError(f"num_experts_per_tok={self.top_k} exceeds the {self.num_keys ** 2} "
                              f"routable experts of num_experts={self.num_experts}")
@@ -90,8 +112,16 @@ class DogeCDMoE(DogeMLP):
         self.up_embed = nn.Embedding(self.num_experts, config.hidden_size)
 
     def route(self, flat: torch.Tensor):
-        """(T, hidden) -> (router_logits (T, 2K), routing weights (T, k), expert ids (T, k))."""
-        router_logits = self.router_gate(flat)
+        """(T, hidden) -> (router_logits (T, 2K), routing weights (T, k), expert ids (T, k)).
+
+        With `router_fp32` the logits, top-k and softmax are float32 whatever the model's dtype
+        (bf16 weights under DeepSpeed, or autocast): bf16 logits carry ~3 significant digits, too
+        few to order near-equal pair scores or to keep the z-loss meaningful."""
+        if self.router_fp32:
+            with torch.autocast(flat.device.type, enabled=False):
+                router_logits = F.linear(flat.float(), self.router_gate.weight.float())
+        else:
+            router_logits = self.router_gate(flat)
         scores, experts = product_key_topk(router_logits, self.num_keys, self.top_k)
         weights = F.softmax(scores, dim=-1)
         if self.norm_topk_prob:

@@ -2,9 +2,13 @@
 
 The config *is* `transformers.DogeConfig` (same keys, same meaning, model_type "doge"), so a
 config.json written here loads in stock `transformers` and vice versa. What this module adds is
-the published Doge size table as named presets, plus a tiny preset for tests and demos.
+the published Doge size table as named presets, plus a tiny preset for tests and demos, and two
+CDMoE router keys stock does not have (it keeps them as plain attributes and ignores them, so an
+export that sets them still loads there).
 """
 from __future__ import annotations
+
+import typing
 
 import transformers
 
@@ -42,7 +46,19 @@ MOE_RECIPES: dict[str, tuple[int, int]] = {
 
 
 class DogeConfig(transformers.DogeConfig):
-    """`transformers.DogeConfig` plus `from_preset`. Keys and defaults are the stock ones."""
+    """`transformers.DogeConfig` plus `from_preset`. Keys and defaults are the stock ones, plus:
+
+    - `router_z_loss_coef`: weight of the router z-loss (`doge.model.cdmoe.router_z_loss`) that the
+      trainer adds to its loss, as stock's `router_aux_loss_coef` weights the load-balancing loss;
+    - `router_fp32`: CDMoE routing (router logits, top-k, routing softmax) in float32 when the model
+      runs in bf16. It changes what the model computes, so it travels with the weights: inference
+      then routes as training did. Stock, which ignores it, routes in the model's dtype.
+
+    Class attributes, not dataclass fields: a config.json without them (stock's, older exports)
+    reads them as off, and a config that never set them writes nothing new."""
+
+    router_z_loss_coef: typing.ClassVar[float] = 0.0
+    router_fp32: typing.ClassVar[bool] = False
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DogeConfig":

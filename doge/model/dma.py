@@ -28,14 +28,34 @@ plus its own QUERY_CHUNK keys: it gathers just those and attends to them under a
 candidates) boolean mask. Compute and peak memory per head grow as O(L * keep_window), never
 O(L^2), and every shape is fixed by L and the window: the path runs on the device without reading
 anything back, so it compiles into one graph.
+
+Documents (packed rows): with `document_ids` a query sees only the earlier keys of its own
+document, a document being a run of equal ids along the row (packing makes them non-decreasing).
+- Fast path on CPU: the fold gets one more q/k column per bit of the document's index in the row,
+  q = bit / scaling and k = -DOCUMENT_PENALTY * (1 - bit). A query of a later document has a 1
+  where an earlier document has a 0 at their highest differing bit, so a key of an earlier
+  document loses at least DOCUMENT_PENALTY and its weight underflows to exactly 0; within a
+  document every added product is exactly 0, so the scores are unchanged to the bit. SDPA's
+  causal kernel runs as before on a few more dimensions (a boolean L x L mask costs about twice:
+  the fused kernel then visits every block).
+- Fast path on CUDA: FlexAttention with the bias as a score_mod and a block mask of same-document
+  causal pairs, so key blocks of other documents are skipped, not masked.
+- Sparse path: keys are ranked document-major (later documents first, then bias, then position),
+  so the best `keep_window` keys carried into a chunk always hold the best keys of the current
+  document; candidates of other documents are masked.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 QUERY_CHUNK = 512
+# What a key of an earlier document loses per differing bit of the document index (fast CPU path):
+# far beyond any real score, so exp() of the difference is exactly 0 in float32 and bfloat16.
+DOCUMENT_PENALTY = 1e9
 
 
 def dynamic_bias(value_states: torch.Tensor, dt_proj: nn.Linear, A: torch.Tensor) -> torch.Tensor:
@@ -74,15 +94,42 @@ def _bias_backward(ctx, grad):
 _bias_from_dt.register_autograd(_bias_backward, setup_context=_bias_setup)
 
 
-def fold_bias(q, k, v, bias, scaling: float):
-    """Append the bias as an extra q/k dimension and pad q/k/v to a multiple of 8."""
-    dim = q.shape[-1]
-    pad = (-(dim + 1)) % 8
-    ones = torch.full((*q.shape[:-1], 1), 1.0 / scaling, dtype=q.dtype, device=q.device)
-    q = F.pad(torch.cat((q, ones), dim=-1), (0, pad))
-    k = F.pad(torch.cat((k, bias.unsqueeze(-1).to(k.dtype)), dim=-1), (0, pad))
-    v = F.pad(v, (0, pad + 1))
-    return q, k, v
+def fold_bias(q, k, v, bias, scaling: float, documents: torch.Tensor | None = None):
+    """Append the bias as an extra q/k dimension (and given `documents`, the document columns of
+    `document_columns`) and pad q/k/v to a multiple of 8."""
+    q_extra = [torch.full((*q.shape[:-1], 1), 1.0 / scaling, dtype=q.dtype, device=q.device)]
+    k_extra = [bias.unsqueeze(-1).to(k.dtype)]
+    if documents is not None:
+        q_bits, k_bits = document_columns(documents, scaling, q.dtype)
+        q_extra.append(q_bits.expand(-1, q.shape[1], -1, -1))
+        k_extra.append(k_bits.expand(-1, k.shape[1], -1, -1))
+    q, k = torch.cat((q, *q_extra), dim=-1), torch.cat((k, *k_extra), dim=-1)
+    pad = (-q.shape[-1]) % 8
+    return F.pad(q, (0, pad)), F.pad(k, (0, pad)), F.pad(v, (0, q.shape[-1] + pad - v.shape[-1]))
+
+
+def document_index(document_ids: torch.Tensor | None, q_len: int, k_len: int,
+                   query_positions: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, L) document ids -> (B, L) int64 index of each token's document in its row (0, 1, ...: a
+    new document wherever the id changes), or None. Documents apply to a row attended as a whole
+    (training, or a prompt's first forward), not to queries appended to a cache."""
+    if document_ids is None:
+        return None
+    if query_positions is not None or not document_ids.shape[-1] == q_len == k_len:
+        raise ValueError(f"document_ids of length {document_ids.shape[-1]} need the whole row at once: "
+                         f"{q_len} queries over {k_len} keys (a cache holding earlier tokens) cannot take them")
+    starts = document_ids[:, 1:] != document_ids[:, :-1]
+    return torch.cat((torch.zeros_like(starts[:, :1]), starts), dim=-1).cumsum(-1)
+
+
+def document_columns(documents: torch.Tensor, scaling: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1, L, bits) q and k columns of the document index's bits (see the module docstring):
+    q.k adds -DOCUMENT_PENALTY for every bit where the query has a 1 and the key a 0, and 0 exactly
+    for a key of the query's own document."""
+    bits = max(1, (documents.shape[-1] - 1).bit_length())
+    shifts = torch.arange(bits, device=documents.device)
+    ones = ((documents[:, None, :, None] >> shifts) & 1).to(dtype)
+    return ones / scaling, (1 - ones) * -DOCUMENT_PENALTY
 
 
 def query_rows(q_len: int, k_len: int, query_positions: torch.Tensor | None, device) -> torch.Tensor:
@@ -102,20 +149,28 @@ def real_keys(key_mask: torch.Tensor | None, k_len: int) -> torch.Tensor | None:
 
 
 def visible_keys(q_len: int, k_len: int, key_mask: torch.Tensor | None, device,
-                 query_positions: torch.Tensor | None = None) -> torch.Tensor:
-    """(B or 1, 1, q_len, k_len) bool: key j is visible to a query at position i when j <= i."""
+                 query_positions: torch.Tensor | None = None, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """(B or 1, 1, q_len, k_len) bool: key j is visible to a query at position i when j <= i (and
+    given `documents`, from `document_index`, when both are in one document)."""
     rows = query_rows(q_len, k_len, query_positions, device)[:, None]
     visible = (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
     if key_mask is not None:
         visible = visible & real_keys(key_mask, k_len)[:, None, None, :]
+    if documents is not None:
+        visible = visible & (documents[:, None, :, None] == documents[:, None, None, :])
     return visible
 
 
-def key_ranks(bias: torch.Tensor) -> torch.Tensor:
-    """Rank of each key by (bias descending, position descending): 0 is the most wanted key."""
+def key_ranks(bias: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """Rank of each key by (bias descending, position descending): 0 is the most wanted key. Given
+    `documents`, document-major first (later documents outrank earlier ones): a second stable sort
+    of that order, so no composite number has to hold L * L ranks exactly."""
     length = bias.shape[-1]
     order = torch.sort(bias.flip(-1).float(), dim=-1, descending=True, stable=True).indices
     positions = (length - 1) - order
+    if documents is not None:
+        key_documents = documents[:, None].expand_as(positions).gather(-1, positions)
+        positions = positions.gather(-1, key_documents.sort(dim=-1, descending=True, stable=True).indices)
     ranks = torch.empty_like(positions)
     arange = torch.arange(length, device=bias.device).expand_as(positions)
     return ranks.scatter_(-1, positions, arange).float()
@@ -131,36 +186,81 @@ def _sdpa(q, k, v, scaling, **kwargs):
 
 
 def dma_attention(q, k, v, bias, *, scaling: float, keep_window: int, key_mask: torch.Tensor | None = None,
-                  query_positions: torch.Tensor | None = None) -> torch.Tensor:
+                  query_positions: torch.Tensor | None = None,
+                  document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Attention with the dynamic mask.
 
     q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D); bias: (B, Hkv, Lk); key_mask: (B, <= Lk) with 1 for real
     tokens (padding otherwise) or None. query_positions: (Lq,) absolute positions of the queries
     (static cache: keys past them are empty slots), or None when the queries are the last Lq keys.
-    Every branch depends on shapes and arguments only, never on tensor values (torch.export).
-    Returns (B, H, Lq, D).
+    document_ids: (B, L) ids of the documents packed in each row (see the module docstring), or None.
+    Every branch depends on shapes, arguments and the device type only, never on tensor values
+    (torch.export). Returns (B, H, Lq, D).
     """
     q_len, k_len, dim = q.shape[2], k.shape[2], q.shape[-1]
-    qf, kf, vf = fold_bias(q, k, v, bias, scaling)
+    documents = document_index(document_ids, q_len, k_len, query_positions)
     if k_len > keep_window:
-        out = _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask, query_positions)
+        qf, kf, vf = fold_bias(q, k, v, bias, scaling)
+        out = _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask, query_positions, documents)
+    elif documents is not None and key_mask is None and q.is_cuda:
+        return flex_document_attention(q, k, v, bias, scaling, documents)
     elif key_mask is None and query_positions is None and q_len == k_len:
-        out = _sdpa(qf, kf, vf, scaling, is_causal=True)
+        out = _sdpa(*fold_bias(q, k, v, bias, scaling, documents), scaling, is_causal=True)
     elif key_mask is None and query_positions is None and q_len == 1:
-        out = _sdpa(qf, kf, vf, scaling)
+        out = _sdpa(*fold_bias(q, k, v, bias, scaling), scaling)
     else:
-        visible = visible_keys(q_len, k_len, key_mask, q.device, query_positions)
-        out = _sdpa(qf, kf, vf, scaling, attn_mask=visible)
+        visible = visible_keys(q_len, k_len, key_mask, q.device, query_positions, documents)
+        out = _sdpa(*fold_bias(q, k, v, bias, scaling), scaling, attn_mask=visible)
     return out[..., :dim]
 
 
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def _flex(device: torch.device):
+    """FlexAttention as a fused kernel: inside a compiled graph (the trainer's compiled layers) it
+    compiles with the graph; outside, through its own torch.compile. Eager FlexAttention is an
+    unfused reference (forward only on CPU) that serves to check it."""
+    from torch.nn.attention.flex_attention import flex_attention  # torch >= 2.5, imported where used
+
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return flex_attention
+    return _compiled_flex()
+
+
+def flex_document_attention(q, k, v, bias, scaling: float, documents: torch.Tensor) -> torch.Tensor:
+    """The fast path over packed documents as FlexAttention: the bias is a score_mod (it gets its
+    gradient through it) and the mask a block mask of same-document causal pairs, so key blocks
+    that no query of a block sees are skipped. `documents` from `document_index`; shapes as
+    `dma_attention`."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, length = documents.shape
+    groups = q.shape[1] // k.shape[1]
+
+    def same_document(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (documents[b, q_idx] == documents[b, kv_idx])
+
+    def add_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[b, h // groups, kv_idx]
+
+    blocks = create_block_mask(same_document, batch, None, length, length, device=q.device)
+    return _flex(q.device)(q, k, v, score_mod=add_bias, block_mask=blocks, scale=scaling, enable_gqa=groups > 1)
+
+
 def eager_dma_attention(q, k, v, bias, *, scaling: float, keep_window: int, key_mask: torch.Tensor | None = None,
-                        query_positions: torch.Tensor | None = None):
+                        query_positions: torch.Tensor | None = None, document_ids: torch.Tensor | None = None):
     """The same attention from a materialised (B, H, Lq, Lk) score matrix, also returning the weights
     (`attn_implementation="eager"`, `output_attentions=True`). Arguments as `dma_attention`."""
     q_len, k_len = q.shape[2], k.shape[2]
     groups = q.shape[1] // k.shape[1]
-    keep = visible_keys(q_len, k_len, key_mask, q.device, query_positions).expand(*bias.shape[:2], q_len, k_len)
+    documents = document_index(document_ids, q_len, k_len, query_positions)
+    keep = visible_keys(q_len, k_len, key_mask, q.device, query_positions, documents)
+    keep = keep.expand(*bias.shape[:2], q_len, k_len)
     if k_len > keep_window:
         ranks = key_ranks(bias.detach())[:, :, None, :].expand(-1, -1, q_len, -1)
         wanted = torch.where(keep, -ranks, float("-inf")).topk(keep_window, dim=-1).indices
@@ -172,7 +272,7 @@ def eager_dma_attention(q, k, v, bias, *, scaling: float, keep_window: int, key_
     return weights @ v.repeat_interleave(groups, dim=1), weights
 
 
-def _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask, query_positions):
+def _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask, query_positions, documents):
     """Chunk over queries; each chunk attends only to the keys some query of it can keep.
 
     A key before the chunk that is not among the `keep_window` best-ranked keys before the chunk
@@ -181,12 +281,14 @@ def _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask, query_po
     rank, query i keeps the first `keep_window` of those at positions <= i (a cumulative count),
     and the chunk's best `keep_window` candidates are carried on. All of it is tensor work of fixed
     shapes: no host reads, nothing that stops a compiled graph. Padding keys rank last and are
-    never kept. With a static cache (query_positions given) the queries' offset is read back once;
-    that path serves generation only."""
+    never kept. With documents the ranks are document-major: the keys before the chunk that
+    out-rank a key of the current document are of that document too, so the argument holds within
+    each document. With a static cache (query_positions given) the queries' offset is read back
+    once; that path serves generation only."""
     q_len, k_len = qf.shape[2], kf.shape[2]
     groups = qf.shape[1] // kf.shape[1]
     offset = k_len - q_len if query_positions is None else int(query_positions[0])
-    ranks = key_ranks(bias.detach())
+    ranks = key_ranks(bias.detach(), documents)
     real = real_keys(key_mask, k_len)
     if real is not None:
         ranks = ranks.masked_fill(~real[:, None], float("inf"))
@@ -196,7 +298,7 @@ def _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask, query_po
     for start in range(0, q_len, QUERY_CHUNK) if q_len > QUERY_CHUNK else (0,):
         stop = min(start + QUERY_CHUNK, q_len)
         first, last = offset + start, offset + stop  # the chunk's query positions
-        index, keep = _chunk_keys(ranks, carried, first, last, keep_window)
+        index, keep = _chunk_keys(ranks, carried, first, last, keep_window, documents)
         keys, values = (t.gather(2, index[..., None].expand(-1, -1, -1, t.shape[-1])) for t in (kf, vf))
         if groups > 1:
             keep = keep.repeat_interleave(groups, dim=1)
@@ -205,9 +307,10 @@ def _sparse_attention(qf, kf, vf, bias, scaling, keep_window, key_mask, query_po
     return torch.cat(outs, dim=2)
 
 
-def _chunk_keys(ranks, carried, first: int, last: int, keep_window: int):
+def _chunk_keys(ranks, carried, first: int, last: int, keep_window: int, documents=None):
     """Candidate key positions (B, Hkv, N) of the queries at positions first..last-1, best rank
-    first, and the (B, Hkv, last - first, N) mask of which query keeps which candidate."""
+    first, and the (B, Hkv, last - first, N) mask of which query keeps which candidate (given
+    `documents`: only candidates of the query's own document)."""
     batch, heads = ranks.shape[:2]
     fresh = torch.arange(first, last, device=ranks.device).expand(batch, heads, -1)
     index = torch.cat((carried, fresh), dim=-1)
@@ -215,4 +318,7 @@ def _chunk_keys(ranks, carried, first: int, last: int, keep_window: int):
     index = index.gather(-1, order)
     queries = torch.arange(first, last, device=ranks.device)
     visible = (index[:, :, None, :] <= queries[:, None]) & candidate_ranks.isfinite()[:, :, None, :]
+    if documents is not None:
+        key_documents = documents[:, None].expand(-1, heads, -1).gather(-1, index)
+        visible = visible & (key_documents[:, :, None, :] == documents[:, None, first:last, None])
     return index, visible & (visible.cumsum(-1) <= keep_window)

@@ -71,11 +71,13 @@ class DogeAttention(nn.Module):
         self.k_norm = DogeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def forward(self, x, rotary, cache: Cache | None = None, key_mask=None, cache_position=None,
-                static_cache: bool = False):
+                static_cache: bool = False, document_ids=None):
         """Returns (output, attention weights or None: only the eager implementation has them).
 
         cache_position: absolute positions of the new tokens. With a static cache (fixed-length
-        buffers) attention is causal by these positions, which hides the slots not yet filled."""
+        buffers) attention is causal by these positions, which hides the slots not yet filled.
+        document_ids: (B, L) ids of the documents packed in each row: a token attends only to
+        earlier tokens of its own document (see doge/model/dma.py), or None."""
         batch, length, _ = x.shape
         shape = (batch, length, -1, self.head_dim)
         q = self.q_norm(self.q_proj(x).view(shape)).transpose(1, 2)
@@ -86,7 +88,7 @@ class DogeAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position})
         bias = dynamic_bias(v, self.dt_proj, self.A)
         kwargs = dict(scaling=self.scaling, keep_window=self.keep_window_size, key_mask=key_mask,
-                      query_positions=cache_position if static_cache else None)
+                      query_positions=cache_position if static_cache else None, document_ids=document_ids)
         weights = None
         if self.config._attn_implementation == "eager":
             out, weights = eager_dma_attention(q, k, v, bias, **kwargs)
@@ -106,11 +108,13 @@ class DogeDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_residual = nn.Parameter(torch.ones(config.hidden_size))
         self.hidden_dropout = config.hidden_dropout
 
-    def forward(self, h, rotary, cache=None, key_mask=None, cache_position=None, static_cache=False):
+    def forward(self, h, rotary, cache=None, key_mask=None, cache_position=None, static_cache=False,
+                document_ids=None):
         """Returns (hidden states, router logits or None, attention weights or None). The layer is
         where all three are captured (`_can_record_outputs`): a hook inside it would stop a
         layer compiled as one graph."""
-        attn, weights = self.self_attn(self.input_layernorm(h), rotary, cache, key_mask, cache_position, static_cache)
+        attn, weights = self.self_attn(self.input_layernorm(h), rotary, cache, key_mask, cache_position, static_cache,
+                                       document_ids)
         h = self.input_residual * h + F.dropout(attn, self.hidden_dropout, self.training)
         mlp_out, router_logits = self.mlp(self.post_attention_layernorm(h)), None
         if isinstance(mlp_out, tuple):
@@ -189,8 +193,12 @@ class DogeModel(DogePreTrainedModel):
     @capture_outputs
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, use_cache=None, cache_position=None, past_key_values=None,
-                **kwargs) -> MoeModelOutputWithPast:
-        """Final hidden states and the cache; `use_cache` defaults to the config's, as in stock."""
+                document_ids=None, **kwargs) -> MoeModelOutputWithPast:
+        """Final hidden states and the cache; `use_cache` defaults to the config's, as in stock.
+
+        `document_ids` (B, L), for rows packed from several documents: a token attends only to
+        earlier tokens of its own document (a run of equal ids); None attends over the whole row.
+        Positions stay `position_ids` (restart them per document to make each one start at 0)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         cache = _one_cache(cache, past_key_values, type(self).__name__)
@@ -206,7 +214,7 @@ class DogeModel(DogePreTrainedModel):
         static = cache is not None and cache.is_compileable
         key_mask = _key_mask(attention_mask)
         for layer in self.layers:
-            h = layer(h, rotary, cache, key_mask, cache_position, static)[0]
+            h = layer(h, rotary, cache, key_mask, cache_position, static, document_ids)[0]
         # Positional: the cache field is `cache` in newer transformers, `past_key_values` before.
         return MoeModelOutputWithPast(self.norm(h), cache)
 

@@ -86,3 +86,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate (B, heads, L, D) states by (B, L, D) tables."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) positions that restart at 0 where each document of a packed row starts (a run of equal
+    ids): every document is rotated as if it ran alone."""
+    index = torch.arange(document_ids.shape[-1], device=document_ids.device).expand_as(document_ids)
+    starts = document_ids[:, 1:] != document_ids[:, :-1]
+    starts = torch.cat((torch.ones_like(starts[:, :1]), starts), dim=-1)
+    return index - torch.where(starts, index, 0).cummax(-1).values

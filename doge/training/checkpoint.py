@@ -54,6 +54,9 @@ class TrainerState:
     world_size: int = 1
     bad_steps_in_row: int = 0
     skipped_steps: int = 0
+    spikes_in_row: int = 0
+    skipped_spikes: int = 0
+    recent_losses: list = field(default_factory=list)  # the spike guard's window, oldest first
     recipe: dict = field(default_factory=dict)
     model_config: dict = field(default_factory=dict)
 
@@ -71,7 +74,8 @@ def step_tag(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """This process's python, numpy, torch and CUDA RNG streams."""
     import numpy as np
     import torch
 
@@ -81,11 +85,15 @@ def _rng_state() -> dict:
 
 def restore_rng(ckpt: Path, rank: int) -> None:
     """Restore this rank's RNG streams (only meaningful when the world size is unchanged)."""
+    with open(ckpt / "rng" / f"rank-{rank:05d}.pkl", "rb") as fh:
+        set_rng_state(pickle.load(fh))
+
+
+def set_rng_state(state: dict) -> None:
+    """Put back RNG streams taken by `rng_state`."""
     import numpy as np
     import torch
 
-    with open(ckpt / "rng" / f"rank-{rank:05d}.pkl", "rb") as fh:
-        state = pickle.load(fh)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -163,7 +171,7 @@ def save(engine, root: Path, state: TrainerState, tokenizer_dir: str | None, kee
     pause(state.step, "save-engine")
     (tmp / "rng").mkdir(parents=True, exist_ok=True)
     with open(tmp / "rng" / f"rank-{rank:05d}.pkl", "wb") as fh:
-        pickle.dump(_rng_state(), fh)
+        pickle.dump(rng_state(), fh)
     pause(state.step, "save-rng")
     barrier()
     if rank == 0:

@@ -74,7 +74,8 @@ def start(plan: Plan, dist: Dist) -> Trainer:
     engine = build_engine(plan.start.config, plan.ds_config, plan.recipe.weight_decay, plan.recipe.seed,
                           plan.start.init_weights, plan.recipe.expert_parallel_size, plan.start.upcycle_from,
                           compiled=plan.compiled, dynamic_length=plan.objective.variable_length,
-                          checkpointing=plan.recipe.activation_checkpointing)
+                          checkpointing=plan.recipe.activation_checkpointing,
+                          expert_lr_scale=plan.recipe.expert_lr_scale if plan.start.config.is_moe else 1.0)
     if plan.start.source is not None:
         loaded = load_start(engine, plan, dist)
         plan.start.source, plan.start.source_state = loaded, ckpt.TrainerState.read(loaded)

@@ -34,11 +34,12 @@ def compile_wanted(mode: str, device_type: str) -> bool:
 
 def _length_marked(forward):
     """`forward` of a decoder layer with the sequence dimension of its inputs marked dynamic."""
-    def call(layer, h, rotary, cache=None, key_mask=None, cache_position=None, static_cache=False):
-        for tensor, dim in ((h, 1), (rotary[0], 1), (rotary[1], 1), (cache_position, 0)):
+    def call(layer, h, rotary, cache=None, key_mask=None, cache_position=None, static_cache=False,
+             document_ids=None):
+        for tensor, dim in ((h, 1), (rotary[0], 1), (rotary[1], 1), (cache_position, 0), (document_ids, 1)):
             if tensor is not None:
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
-        return forward(layer, h, rotary, cache, key_mask, cache_position, static_cache)
+        return forward(layer, h, rotary, cache, key_mask, cache_position, static_cache, document_ids)
     return call
 
 

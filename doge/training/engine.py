@@ -19,22 +19,39 @@ from doge.training.preflight import Plan
 from doge.training.recipe import ConfigError
 from doge.training.universal import to_universal
 
+# What CDMoE adds to a dense model (and upcycling starts fresh): the router and the expert tables.
+EXPERT_PARAMETERS = ("router_gate", "down_embed", "up_embed")
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"name": "decay", "params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+def param_groups(model: torch.nn.Module, weight_decay: float, expert_lr_scale: float = 1.0) -> list[dict]:
+    """"decay" and "no_decay"; with `expert_lr_scale` != 1 the CDMoE router and expert tables get
+    groups of their own ("decay_experts", ...) whose LR is the schedule's times `lr_scale` (`set_lr`)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"name": "decay", "params": [p for _, p in named if p.ndim >= 2], "weight_decay": weight_decay},
+              {"name": "no_decay", "params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
+    if expert_lr_scale == 1.0:
+        return groups
+    experts = {p for n, p in named if any(key in n for key in EXPERT_PARAMETERS)}
+    split = []
+    for group in groups:
+        own = [p for p in group["params"] if p in experts]
+        split.append({**group, "params": [p for p in group["params"] if p not in experts]})
+        if own:
+            split.append({**group, "name": group["name"] + "_experts", "params": own, "lr_scale": expert_lr_scale})
+    return split
 
 
 def build_engine(config: DogeConfig, ds_config: dict, weight_decay: float, seed: int, weights: Path | None = None,
                  expert_parallel_size: int = 1, upcycle_from: DogeConfig | None = None, *,
-                 compiled: bool = False, dynamic_length: bool = False, checkpointing: bool = False):
+                 compiled: bool = False, dynamic_length: bool = False, checkpointing: bool = False,
+                 expert_lr_scale: float = 1.0):
     """A freshly initialised model (seeded), or one holding `weights` (an HF export or a checkpoint;
     with `upcycle_from`, the weights of that dense model, upcycled to `config`), wrapped in a
     DeepSpeed engine with a fresh optimizer; CDMoE expert tables sharded over `expert_parallel_size`
     ranks (the full model is built on every rank first, so every shard starts as its rows of it).
     `compiled`: decoder layers and LM head through torch.compile (`dynamic_length`: micro-batches
-    of varying length); `checkpointing`: each decoder layer's activations recomputed in backward."""
+    of varying length); `checkpointing`: each decoder layer's activations recomputed in backward;
+    `expert_lr_scale`: LR multiplier of the CDMoE router and expert tables."""
     import deepspeed
 
     from doge.model.upcycle import upcycle
@@ -52,7 +69,7 @@ def build_engine(config: DogeConfig, ds_config: dict, weight_decay: float, seed:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compiled:  # ZeRO-3 gathers each submodule's parameters in hooks a graph cannot hold
         compile_model(model, dynamic_length, fullgraph=ds_config.get("zero_optimization", {}).get("stage", 0) != 3)
-    groups = expert_parallel.optimizer_groups(param_groups(model, weight_decay))
+    groups = expert_parallel.optimizer_groups(param_groups(model, weight_decay, expert_lr_scale))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     guard_on_device(engine)
     return engine
@@ -156,5 +173,6 @@ def _any_rank_failed(error: str | None, device) -> bool:
 
 
 def set_lr(engine, lr: float) -> None:
+    """The schedule's LR on every group, times the group's `lr_scale` (see `param_groups`)."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

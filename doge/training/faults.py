@@ -15,6 +15,10 @@ time-limit test knows how long the run takes however fast the machine is.
 `DOGE_FAULT_NAN_STEPS="5,6"` (`poison`) makes those steps' loss and metrics NaN, so the guards
 against non-finite steps (DeepSpeed's, or the device-side one) are tested on a real run.
 
+`DOGE_FAULT_SPIKE_STEPS="7,9"` (`spike`) multiplies those steps' loss (what is back-propagated,
+and the reported `loss`) by `SPIKE_FACTOR`, so the loss-spike guard (`--spike-sigma`) sees a real
+spike, and a run without it trains on one.
+
 `DOGE_FAULT_SYNC_PROBE="STEP"` (`sync_probe`) profiles optimizer step STEP on every rank and
 writes, to `RUNDIR/sync-probe/rank-R.json`, how many dispatched operations in it force the host to
 wait for the device (`SYNC_OPS`, device-to-host copies, explicit synchronisations) and how many
@@ -41,6 +45,8 @@ from pathlib import Path
 PAUSE_ENV = "DOGE_FAULT_PAUSE"
 STEP_SECONDS_ENV = "DOGE_FAULT_STEP_SECONDS"
 NAN_STEPS_ENV = "DOGE_FAULT_NAN_STEPS"
+SPIKE_STEPS_ENV = "DOGE_FAULT_SPIKE_STEPS"
+SPIKE_FACTOR = 50.0
 SYNC_PROBE_ENV = "DOGE_FAULT_SYNC_PROBE"
 STRICT_COMPILE_ENV = "DOGE_FAULT_STRICT_COMPILE"
 TRACE_ENV = "DOGE_TRACE_SAMPLES"
@@ -74,6 +80,13 @@ def poison(step: int, loss, metrics: dict) -> tuple:
         return loss, metrics
     nan = float("nan")
     return loss * nan, {k: v * nan for k, v in metrics.items()}
+
+
+def spike(step: int, loss, metrics: dict) -> tuple:
+    """(loss, metrics) of a micro-batch of step `step`, the loss SPIKE_FACTOR times larger when the step is listed."""
+    if str(step) not in os.environ.get(SPIKE_STEPS_ENV, "").split(","):
+        return loss, metrics
+    return loss * SPIKE_FACTOR, {**metrics, "loss": metrics["loss"] * SPIKE_FACTOR}
 
 
 @contextmanager

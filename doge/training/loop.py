@@ -10,7 +10,9 @@ until a step that logs, evaluates, saves or stops. There the pending steps' metr
 over ranks in one collective and read back at once, and each pending step is then guarded
 against non-finite values and logged in order, as if it had been read when it ran. The stop flag
 is a host value exchanged on the host. Non-finite steps are skipped by the optimizer itself
-(DeepSpeed's check, or on the device: `doge.training.engine.guard_on_device`).
+(DeepSpeed's check, or on the device: `doge.training.engine.guard_on_device`), and so are loss
+spikes when `--spike-sigma` is set: `doge.training.spike_guard` judges the step on the device and
+turns a spike into a non-finite step before its last backward.
 """
 from __future__ import annotations
 
@@ -23,15 +25,17 @@ import torch
 from deepspeed import DeepSpeedEngine
 
 from doge.training import checkpoint as ckpt
-from doge.training import faults
+from doge.training import downstream, faults
 from doge.training.distributed import Dist, all_reduce_sum, any_rank
 from doge.training.engine import set_lr
 from doge.training.expert_parallel import expert_group
 from doge.training.metrics import Reporter, Throughput
 from doge.training.objective import TrainedModel
 from doge.training.preflight import Plan
+from doge.training.spike_guard import SpikeGuard, skip_line, stop_line
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+GLOBAL_METRICS = ("grad_norm", "spike")  # the same on every rank already: not averaged over ranks
 _stop_requested: list[int] = []
 
 
@@ -85,6 +89,14 @@ class Trainer:
         expert group (the engine itself stays the loop's)."""
         return TrainedModel(self.engine, self.engine.module.config, expert_group(self.recipe.expert_parallel_size))
 
+    @cached_property
+    def spikes(self) -> SpikeGuard | None:
+        """The loss-spike guard (--spike-sigma), its window resumed from the trainer state; None when off."""
+        recipe = self.recipe
+        if not recipe.spike_sigma:
+            return None
+        return SpikeGuard(recipe.spike_sigma, recipe.spike_window, self.state.recent_losses, self.engine.device)
+
     def reduce(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         """Rank means of scalar `values`, read back."""
         return dict(zip(values, self.rank_means([values])[0].tolist()))
@@ -103,23 +115,38 @@ class Trainer:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self) -> dict[str, torch.Tensor]:
-        """One optimizer step; returns this rank's metrics (means over its micro-batches) and the global
-        gradient norm, as device tensors: nothing is read back here."""
+        """One optimizer step; returns this rank's metrics (means over its micro-batches), the global
+        gradient norm and, with the spike guard on, its check of the step (`spike`), as device
+        tensors: nothing is read back here."""
         objective, step, consumed = self.plan.objective, self.state.step + 1, self.state.samples_consumed
         batches = objective.train_batches(consumed, self.plan.global_batch, self.dist, self.recipe.micro_batch_size)
         faults.trace(step, self.dist.rank, consumed + self.dist.rank * self.plan.global_batch // self.dist.world,
                      batches)
         sums: dict[str, torch.Tensor] = {}
-        for batch in batches:
-            loss, metrics = faults.poison(step, *objective.loss(self.model, self.to_device(batch)))
+        for i, batch in enumerate(batches, 1):
+            loss, metrics = faults.spike(step, *faults.poison(step, *objective.loss(self.model, self.to_device(batch))))
+            accumulate(sums, {"objective": loss.detach(), **metrics})
+            if self.spikes and i == len(batches):  # the step's loss is known: a spike back-propagates NaN
+                factor, check = self.spikes.judge(self.step_loss(sums["objective"], len(batches)))
+                loss = loss * factor.to(loss.dtype)
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the update at the accumulation boundary only
-            accumulate(sums, {"objective": loss.detach(), **metrics})
             faults.pause(step, "step")  # after the first micro-batch: mid-accumulation
+        out = {**{k: v / len(batches) for k, v in sums.items()}, "grad_norm": self.grad_norm()}
+        if self.spikes:
+            self.spikes.push(check, out["grad_norm"])
+            out["spike"] = check
+        return out
+
+    def step_loss(self, loss_sum: torch.Tensor, micro_batches: int) -> torch.Tensor:
+        """The mean loss over this step's micro-batches and all ranks, on the device (shape (1,))."""
+        return all_reduce_sum((loss_sum.float() / micro_batches).reshape(1)) / self.dist.world
+
+    def grad_norm(self) -> torch.Tensor:
+        """The step's global gradient norm as a device tensor; inf where DeepSpeed marks it invalid (-1)."""
         norm = self.engine.get_global_grad_norm()  # a device tensor, or a float / None
         norm = torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float32, device=self.engine.device)
-        return {**{k: v / len(batches) for k, v in sums.items()},
-                "grad_norm": torch.where(norm < 0, math.inf, norm)}  # DeepSpeed's -1: a non-finite norm
+        return torch.where(norm < 0, math.inf, norm)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -136,11 +163,15 @@ class Trainer:
         means = self.reduce({k: v / len(batches) for k, v in sums.items()})
         return {f"val_{k}": v for k, v in means.items()}
 
-    def guard(self, step: int, loss: float, grad_norm: float) -> bool:
-        """Count a non-finite step (its update was skipped); stop after --max-bad-steps in a row."""
+    def guard(self, step: int, loss: float, grad_norm: float, spike: list[float]) -> bool:
+        """Whether the step's update was applied. A loss spike (`spike`: the guard's check, empty
+        when it is off) and a non-finite step were skipped; each is counted apart, and stops the
+        run after its own limit in a row. An applied step ends both streaks."""
         state, recipe = self.state, self.recipe
+        if spike and spike[0]:
+            return self.skip_spike(step, *spike[1:])
         if math.isfinite(loss) and math.isfinite(grad_norm):
-            state.bad_steps_in_row = 0
+            state.bad_steps_in_row = state.spikes_in_row = 0
             return True
         state.bad_steps_in_row += 1
         state.skipped_steps += 1
@@ -150,6 +181,17 @@ class Trainer:
             raise RuntimeError(f"{state.bad_steps_in_row} non-finite steps in a row (--max-bad-steps "
                                f"{recipe.max_bad_steps}): lower --lr, raise --warmup-steps, or check the data; "
                                f"the last good checkpoint is in {self.plan.rundir / 'checkpoints'}")
+        return False
+
+    def skip_spike(self, step: int, loss: float, mean: float, std: float) -> bool:
+        """Count a loss spike (its update was skipped); stop after --spike-max-skips in a row."""
+        state, recipe = self.state, self.recipe
+        state.spikes_in_row += 1
+        state.skipped_spikes += 1
+        self.message(skip_line(step, loss, mean, std, recipe.spike_sigma, state.spikes_in_row))
+        if state.spikes_in_row >= recipe.spike_max_skips:
+            latest = ckpt.find_latest(self.plan.rundir / "checkpoints")
+            raise RuntimeError(stop_line(recipe, state.spikes_in_row, latest))
         return False
 
     def message(self, text: str) -> None:
@@ -164,9 +206,11 @@ class Trainer:
         state = self.state
         self.reporter.log(state.step, {**metrics, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
                                        "samples_consumed": state.samples_consumed,
-                                       **self.throughput.read(state.step), "skipped_steps": state.skipped_steps})
+                                       **self.throughput.read(state.step), "skipped_steps": state.skipped_steps,
+                                       **({"skipped_spikes": state.skipped_spikes} if self.spikes else {})})
 
     def save(self, stopped: bool) -> None:
+        self.state.recent_losses = self.spikes.recent() if self.spikes else []
         ckpt.save(self.engine, self.plan.rundir / "checkpoints", self.state, self.plan.objective.tokenizer_dir,
                   self.recipe.keep_last)
         self.message(f"saved checkpoint {ckpt.step_tag(self.state.step)}" + (" (stop signal)" if stopped else ""))
@@ -192,24 +236,37 @@ class Trainer:
                 self.throughput.add(tokens_per_step)
             evaluate = recipe.eval_interval and (state.step % recipe.eval_interval == 0 or last)
             save = stopped or last or (recipe.save_interval and state.step % recipe.save_interval == 0)
-            if evaluate or save or state.step % recipe.log_interval == 0:
+            benchmark = recipe.downstream_interval and not stopped and (
+                state.step % recipe.downstream_interval == 0 or last)
+            if evaluate or save or benchmark or state.step % recipe.log_interval == 0:
                 self.settle(pending, interval)
                 pending = []
             if evaluate:
                 self.validate()
             if save:
                 self.save(stopped)
+            if benchmark:
+                self.score_downstream()
             faults.after_step(state.step)
         return stopped
 
+    def score_downstream(self) -> None:
+        """Benchmark scores of this step's weights (every rank scores; rank 0 logs), after the save so a
+        stop or crash while scoring loses no step; their time is left out of the next tokens/s."""
+        scores = downstream.score(self.engine, self.plan.objective.tokenizer_dir, self.recipe)
+        if self.reporter:
+            self.throughput.exclude(scores["downstream/seconds"])
+            self.reporter.log(self.state.step, scores)
+
     def settle(self, pending: list, interval: Interval) -> None:
         """Read the pending steps' metrics back at once, then guard and log each step in order."""
-        keys = [k for k in pending[0][2] if k != "grad_norm"]
+        keys = [k for k in pending[0][2] if k not in GLOBAL_METRICS]
         means = self.rank_means([{k: metrics[k] for k in keys} for _, _, metrics in pending])
-        norms = torch.stack([metrics["grad_norm"] for _, _, metrics in pending])  # global already
-        for (step, lr, _), row in zip(pending, torch.cat((means, norms[:, None]), dim=1).tolist()):
-            values, grad_norm = dict(zip(keys, row[:-1])), row[-1]
-            interval.add(values, self.guard(step, values["objective"], grad_norm))
+        same = torch.stack([torch.cat([metrics[k].reshape(-1) for k in GLOBAL_METRICS if k in metrics])
+                            for _, _, metrics in pending])
+        for (step, lr, _), row in zip(pending, torch.cat((means, same), dim=1).tolist()):
+            values, (grad_norm, *spike) = dict(zip(keys, row)), row[len(keys):]
+            interval.add(values, self.guard(step, values["objective"], grad_norm, spike))
             if step % self.recipe.log_interval == 0 or step == self.recipe.max_steps:
                 self.log(interval, lr, grad_norm)
 

@@ -34,6 +34,11 @@ class Throughput:
     def add(self, tokens: int) -> None:
         self.tokens += tokens
 
+    def exclude(self, seconds: float) -> None:
+        """Time spent off training (benchmark scoring) is left out of the next tokens/s, MFU and ETA."""
+        then, step = self._last
+        self._last = (then + seconds, step)
+
     def read(self, step: int) -> dict:
         """Metrics since the previous read; resets the count."""
         now, (then, then_step) = time.perf_counter(), self._last
@@ -49,7 +54,8 @@ class Throughput:
 # Console formats of the common metrics, in line order; any other metric follows as `name value`.
 CONSOLE = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.3e}", "grad_norm": "gnorm {:.3f}",
            "tokens_per_s": "{:,.0f} tok/s", "mfu": "MFU {:.2%}", "peak_memory_gb": "{:.1f} GB", "eta_s": None}
-QUIET = {"tokens_seen", "samples_consumed", "skipped_steps", "time"}  # in metrics.jsonl, not on the console
+# in metrics.jsonl, not on the console
+QUIET = {"tokens_seen", "samples_consumed", "skipped_steps", "skipped_spikes", "time"}
 
 
 def _finite(value):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from doge.model.configuration import PRESETS, DogeConfig
 from doge.training import checkpoint as ckpt
-from doge.training import runlock
+from doge.training import downstream, runlock
 from doge.training.accelerator import device_type, use_bf16
 from doge.training.compile import compile_wanted
 from doge.training.distributed import rank_from_env
@@ -128,7 +128,7 @@ def check_resume(recipe: Recipe, objective_cls: type[Objective], start: Start) -
     state, own = start.source_state, start.source
     check_same_model(recipe, state, own)
     fields = {f.name: f for f, _ in type(recipe).fields()}
-    for name in objective_cls.resume_fields:
+    for name in ("expert_lr_scale", *objective_cls.resume_fields):  # the first sets the optimizer's groups
         ours, theirs = getattr(recipe, name), state.recipe.get(name, getattr(recipe, name))
         if fields[name].metadata["derived"]:  # set by the run (Objective.resolve), not by a flag
             if None not in (ours, theirs) and ours != theirs:
@@ -238,7 +238,10 @@ def start_point(rundir: Path, recipe: Recipe, ds_path: str, ds_config: dict) -> 
             check_zero_stage(ds_path, ds_config, source)
         start = Start(source, source_state, resumed, model_config(recipe, source_state),
                       None if source else export_folder(recipe), None, skipped)
-    start.config.router_aux_loss_coef = recipe.aux_loss_weight  # the recipe's, whatever the start was trained with
+    # the recipe's router settings, whatever the start was trained with
+    start.config.router_aux_loss_coef = recipe.aux_loss_weight
+    if start.config.is_moe:
+        start.config.router_z_loss_coef, start.config.router_fp32 = recipe.router_z_loss_weight, recipe.router_fp32
     return start
 
 
@@ -288,6 +291,7 @@ def preflight(args: argparse.Namespace, recipe: Recipe, objective_cls: type[Obje
                           "or in passes over the data with --epochs N")
     schedule = schedule_of(recipe) if epochs is None else None  # else max_steps follows from the data
     global_batch, grad_accum = batch_geometry(recipe, world)
+    downstream.check(recipe)
     bf16 = use_bf16(recipe.precision)
     ds_config = deepspeed_config(args.deepspeed, recipe, global_batch, grad_accum, world, bf16)
     start = start_point(rundir, recipe, args.deepspeed, ds_config)

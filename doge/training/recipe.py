@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from doge.eval_tasks.harness import LOCAL_TASKS, SHOTS
 from doge.model.configuration import PRESETS
 from doge.training.schedule import DECAY_SHAPES
 
@@ -31,6 +32,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 WANDB_MODES = ("auto", "online", "offline", "off")
 RESUME_MODES = ("auto", "never")
 COMPILE_MODES = ("auto", "on", "off")
+DOC_POSITIONS = ("continue", "restart")
 
 
 class ConfigError(ValueError):
@@ -85,13 +87,32 @@ class Recipe:
                                       "rows (E divides the world size; ZeRO-1/2 without offload)", low=1)
     aux_loss_weight: float = _f(0.001, "weight of the CDMoE load-balancing loss added to the training loss "
                                        "(CDMoE models only)", low=0.0)
+    router_z_loss_weight: float = _f(0.0, "weight of the CDMoE router z-loss (mean over layers, tokens and the "
+                                          "two product-key halves of logsumexp(logits)^2) added to the training "
+                                          "loss (CDMoE models only; 0 = off)", low=0.0)
+    router_fp32: bool = _f(False, "compute CDMoE routing (router logits, top-k, routing softmax) in float32 when "
+                                  "the model runs in bf16; saved in the model config, so exports route the same way "
+                                  "(CDMoE models only)")
+    expert_lr_scale: float = _f(1.0, "LR multiplier of the CDMoE router and expert tables (e.g. 10 for the fresh "
+                                     "tables of an upcycled model; CDMoE models only; a resume keeps it)", low=1e-6)
     seed: int = _f(0, "seed for weights init and the data order", low=0)
     log_interval: int = _f(10, "steps between console/metrics.jsonl/W&B lines", low=1)
     save_interval: int = _f(1000, "steps between checkpoints (0 = only at the end and on signals)", low=0)
     keep_last: int = _f(3, "keep this many newest checkpoints (0 = keep all)", low=0)
     eval_interval: int = _f(500, "steps between validation losses (0 = off)", low=0)
     eval_samples: int = _f(256, "validation samples per evaluation (capped at the split's size)", low=1)
+    downstream_interval: int = _f(0, "steps between benchmark scores of the weights being trained (lm-eval, as "
+                                     "python -m doge.evaluate; also at the last step; 0 = off)", low=0)
+    downstream_tasks: str = _f(",".join(LOCAL_TASKS), "lm-eval tasks scored, comma-separated (default: "
+                                                      "doge.evaluate's local tasks, their files in $DOGE_EVAL_DATA)")
+    downstream_limit: int = _f(100, "items scored per task, the first ones (MMLU: per subject)", low=1)
+    downstream_shots: int = _f(SHOTS, "shots per benchmark prompt (--num-fewshot of doge.evaluate)", low=0)
     max_bad_steps: int = _f(5, "stop after this many non-finite losses/grad norms in a row", low=1)
+    spike_sigma: float = _f(0.0, "skip the update of a step whose loss is more than this many standard deviations "
+                                 "above the mean of the last --spike-window applied steps (0 = off; e.g. 6)", low=0.0)
+    spike_window: int = _f(50, "applied steps whose losses give the spike guard's mean and std; no step is judged "
+                               "before that many were seen", low=2)
+    spike_max_skips: int = _f(5, "stop after this many loss spikes in a row (see --spike-sigma)", low=1)
     wandb: str = _f("auto", "auto (online with WANDB_API_KEY, else offline), online, offline or off",
                     choices=WANDB_MODES)
     wandb_project: str = _f("doge", "W&B project name")
@@ -159,7 +180,8 @@ def defaults(**values):
 
 @dataclass
 class PretrainRecipe(Recipe):
-    """Pre-training (doge/train.py): the shared fields' defaults, and upcycling a dense start."""
+    """Pre-training (doge/train.py): the shared fields' defaults, upcycling a dense start, and
+    document masking of packed rows (chat rows hold one conversation each)."""
 
     upcycle_experts: typing.Optional[int] = _f(None, "turn the dense start model (--model EXPORT or checkpoint, "
                                                      "--init-from) into CDMoE with this many experts (a perfect "
@@ -168,6 +190,10 @@ class PretrainRecipe(Recipe):
                                                      "output starts at zero, the optimizer starts fresh", low=1)
     upcycle_top_k: typing.Optional[int] = _f(None, "experts per token of the upcycled model (published: 16, 32, "
                                                    "48 for 20m, 60m, 160m); needs --upcycle-experts", low=1)
+    doc_mask: bool = _f(False, "a token attends only to earlier tokens of its own document in a packed row "
+                               "(documents end at the tokenizer's EOS token)")
+    doc_positions: str = _f("continue", "RoPE positions with --doc-mask: continue along the row, or restart at 0 at "
+                                        "every document start", choices=DOC_POSITIONS)
 
     label: typing.ClassVar[str] = "pre-training"
 
