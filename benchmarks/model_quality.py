@@ -1,6 +1,6 @@
 """Model quality levers measured on held-out text at equal tokens (tiny preset, CPU).
 
-    python benchmarks/model_quality.py --experiment averaging [--steps 400] [--work /tmp/doge-quality]
+    python benchmarks/model_quality.py --experiment {averaging,doc-mask,seeds,spike-guard} [--steps 400]
 
 Each experiment trains doge-tiny with DeepSpeed on the same prepared data and token budget, then
 scores exports by their mean next-token loss (nats) on held-out text from corpora the runs never
@@ -8,6 +8,11 @@ saw. Experiments:
   averaging   one run that saves a checkpoint every --save-every steps through the WSD decay;
               the export of the last checkpoint against `python -m doge.average RUNDIR --last K`
               for K = 2, 3, 5.
+  doc-mask    document masking off, on with RoPE positions continuing along the row, on with
+              positions restarting per document (--doc-mask, --doc-positions).
+  seeds       the run with every lever off at seeds 0, 1, 2: the spread of chance.
+  spike-guard injected loss spikes (DOGE_FAULT_SPIKE_STEPS) trained on with the guard off and
+              skipped with it on (--spike-sigma 6), against a run without spikes.
 
 Data: trained on ../shared/data/pretrain's Tiny Shakespeare and TinyStories, held out on its
 WikiText-2 test text (a corpus the run never saw). Without that folder the script says so and
@@ -20,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -49,32 +55,42 @@ def corpora(work: Path) -> tuple[list[str], dict[str, str]]:
     return [str(train)], {"stdlib-source": held}
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str], **extra_env: str) -> None:
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), WANDB_MODE="offline",
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=str(REPO), **extra_env)
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
-def prepare(work: Path, inputs: list[str]) -> Path:
-    """Tokenizer and shards, made once per work folder."""
+def prepare(work: Path, inputs: list[str], name: str = "data", tokenizer_inputs: list[str] | None = None) -> Path:
+    """Shards of `inputs` in work/NAME, tokenized by work/tokenizer (trained on `tokenizer_inputs`,
+    default `inputs`); each made once per work folder."""
     if not (work / "tokenizer").is_dir():
-        run([sys.executable, "data_tools/train_tokenizer.py", "--input", *inputs, "--vocab-size", "4096",
-             "--output", str(work / "tokenizer")])
-    if not (work / "data").is_dir():
+        run([sys.executable, "data_tools/train_tokenizer.py", "--input", *(tokenizer_inputs or inputs),
+             "--vocab-size", "4096", "--output", str(work / "tokenizer")])
+    if not (work / name).is_dir():
         run([sys.executable, "data_tools/prepare.py", "--input", *inputs, "--tokenizer", str(work / "tokenizer"),
-             "--seq-len", str(SEQ_LEN), "--output", str(work / "data")])
-    return work / "data"
+             "--seq-len", str(SEQ_LEN), "--output", str(work / name)])
+    return work / name
 
 
-def train(data: Path, rundir: Path, steps: int, *flags: str) -> Path:
-    """doge-tiny on 2 ranks, ZeRO-2, fp32; WSD with the last fifth of the steps as decay."""
+def launch(data: Path, rundir: Path, *flags: str, **env: str) -> Path:
+    """doge-tiny on 2 ranks (a free port: benchmarks may run side by side), ZeRO-2, fp32, unless
+    RUNDIR finished before; `env`: extra environment (fault injection)."""
     if not (rundir / "final").is_dir():
-        run(["deepspeed", "--num_gpus", "2", "doge/train.py", "--deepspeed", "ds_configs/zero2.json",
-             "--recipe", "recipes/doge-tiny.yaml", "--data", str(data), "--output", str(rundir),
-             "--max-steps", str(steps), "--warmup-steps", str(steps // 20), "--decay-steps", str(steps // 5),
-             "--precision", "fp32", "--eval-interval", "0", "--wandb", "off", "--log-interval", "50", *flags])
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), "doge/train.py", "--deepspeed",
+             "ds_configs/zero2.json", "--recipe", "recipes/doge-tiny.yaml", "--data", str(data), "--output",
+             str(rundir), "--precision", "fp32", "--eval-interval", "0", "--wandb", "off", *flags], **env)
     return rundir
+
+
+def train(data: Path, rundir: Path, steps: int, *flags: str, **env: str) -> Path:
+    """WSD with the last fifth of the steps as decay."""
+    return launch(data, rundir, "--max-steps", str(steps), "--warmup-steps", str(steps // 20), "--decay-steps",
+                  str(steps // 5), "--log-interval", "50", *flags, **env)
 
 
 def heldout_loss(model_dir: Path, text: str, windows: int) -> float:
@@ -111,7 +127,47 @@ def averaging(work: Path, data: Path, held: dict[str, str], args) -> list[dict]:
     return rows
 
 
-EXPERIMENTS = {"averaging": averaging}
+def compare(work: Path, data: Path, held: dict[str, str], args, runs: list[tuple[str, str, list[str], dict]]
+            ) -> list[dict]:
+    """One run per (name, folder, flags, environment), all on the same data and schedule, scored."""
+    rows = []
+    for name, folder, flags, env in runs:
+        rundir = train(data, work / folder, args.steps, *flags, **env)
+        rows.append(dict(name=name, model=str(rundir / "final"),
+                         command=" ".join([*(f"{k}={v}" for k, v in env.items()), "doge/train.py ...", *flags])))
+    for row in rows:
+        for held_name, text in held.items():
+            row[held_name] = heldout_loss(Path(row["model"]), text, args.windows)
+    return rows
+
+
+def doc_mask(work: Path, data: Path, held: dict[str, str], args) -> list[dict]:
+    return compare(work, data, held, args, [
+        ("doc mask off", "doc-mask-off", [], {}),
+        ("doc mask on, positions continue", "doc-mask-continue", ["--doc-mask", "true"], {}),
+        ("doc mask on, positions restart", "doc-mask-restart",
+         ["--doc-mask", "true", "--doc-positions", "restart"], {})])
+
+
+def spike_guard(work: Path, data: Path, held: dict[str, str], args) -> list[dict]:
+    """The same injected spikes (the loss of every 25th step of the stable phase after the guard's
+    window, times the injection's factor) with the guard off and on."""
+    spikes = ",".join(str(s) for s in range(args.steps // 4, args.steps * 4 // 5, 25))
+    env = {"DOGE_FAULT_SPIKE_STEPS": spikes}
+    return compare(work, data, held, args, [
+        ("no spikes, guard off", "spike-none", [], {}),
+        (f"spikes at steps {spikes}, guard off", "spike-off", [], env),
+        (f"spikes at steps {spikes}, guard on", "spike-on", ["--spike-sigma", "6"], env)])
+
+
+def seeds(work: Path, data: Path, held: dict[str, str], args) -> list[dict]:
+    """The same run (all levers off) with other seeds: how far apart runs land by chance, the
+    spread any lever's difference is to be read against."""
+    return compare(work, data, held, args, [(f"seed {seed}", f"seed-{seed}", ["--seed", str(seed)], {})
+                                            for seed in (0, 1, 2)])
+
+
+EXPERIMENTS = {"averaging": averaging, "doc-mask": doc_mask, "spike-guard": spike_guard, "seeds": seeds}
 
 
 def main(argv=None) -> int:
