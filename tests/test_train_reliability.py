@@ -73,14 +73,17 @@ def truncate_state(c):
 @pytest.mark.parametrize("flags, zero, message", [
     (["--model", "doge-20m"], "zero2", "--model doge-20m (model_overrides {}) differs from checkpoint"),
     ([], "zero3", "uses ZeRO stage 3 but checkpoint"),
-], ids=["other-model", "zero3-on-zero2-run"])
+    (["--expert-lr-scale", "10"], "zero2",
+     "--expert-lr-scale (recipe key expert_lr_scale) = 10.0 differs from checkpoint"),
+    (["--doc-mask", "true"], "zero2", "--doc-mask (recipe key doc_mask) = True differs from checkpoint"),
+], ids=["other-model", "zero3-on-zero2-run", "other-expert-lr-scale", "doc-mask-on-unmasked-run"])
 def test_resume_with_other_model_or_zero_stage_is_refused(flags, zero, message):
     rundir = h.reference_run()
     before = h.tree_digest(rundir)
     done = h.run(h.train_cmd(1, rundir, h.prepared(), *flags, zero=zero), expect_rc=2, timeout=300)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert "trained as --model doge-tiny" in errors[0] or zero == "zero3"
+    assert "trained as --model doge-tiny" in errors[0] or flags != ["--model", "doge-20m"]
     assert h.tree_digest(rundir) == before
 
 

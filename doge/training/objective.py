@@ -49,8 +49,9 @@ class Objective(ABC):
 
     #: the recipe this objective is configured by: its fields are the run's flags and YAML keys
     recipe_class: type[Recipe]
-    #: recipe fields a resume must keep, besides the model (--model, model_overrides) and the data
-    resume_fields: tuple[str, ...] = ()
+    #: recipe fields a resume must keep, besides the model (--model, model_overrides) and the data;
+    #: every objective keeps expert_lr_scale, which sets the optimizer's parameter groups
+    resume_fields: tuple[str, ...] = ("expert_lr_scale",)
     #: data identity, checked by preflight on resume (same data) and continuation (same tokenizer)
     fingerprint: str
     tokenizer_fingerprint: str

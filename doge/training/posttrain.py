@@ -204,7 +204,7 @@ class DPOObjective(ChatObjective):
     recipe_class = DPORecipe
     # beta and the reference's weights define the objective: --model, which every resume keeps by name, is
     # also the frozen reference, and its files could be replaced in between
-    resume_fields = ("beta", "reference_sha256")
+    resume_fields = (*ChatObjective.resume_fields, "beta", "reference_sha256")
     kind = "dpo"
 
     @classmethod

@@ -128,7 +128,7 @@ def check_resume(recipe: Recipe, objective_cls: type[Objective], start: Start) -
     state, own = start.source_state, start.source
     check_same_model(recipe, state, own)
     fields = {f.name: f for f, _ in type(recipe).fields()}
-    for name in ("expert_lr_scale", *objective_cls.resume_fields):  # the first sets the optimizer's groups
+    for name in objective_cls.resume_fields:
         ours, theirs = getattr(recipe, name), state.recipe.get(name, getattr(recipe, name))
         if fields[name].metadata["derived"]:  # set by the run (Objective.resolve), not by a flag
             if None not in (ours, theirs) and ours != theirs:

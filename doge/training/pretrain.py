@@ -43,7 +43,7 @@ def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 class PretrainObjective(Objective):
     recipe_class = PretrainRecipe
-    resume_fields = ("doc_mask", "doc_positions")
+    resume_fields = (*Objective.resume_fields, "doc_mask", "doc_positions")
 
     def __init__(self, train, val, doc_mask: bool = False, doc_positions: str = "continue"):
         self.train, self.val = train, val
